@@ -1,0 +1,193 @@
+// The sled op library: schemas, argument checks shared by every backend, and backend registration.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <tuple>
+
+#include "sled_problem.h"
+
+namespace sled {
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ",
+                   name, " must be float32, bfloat16 or float16, got ", dtype);
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& rows,
+                const char* rows_name) {
+  TORCH_CHECK_VALUE(t.device() == rows.device(), op, ": ", name, " is on ", t.device(), " but ",
+                    rows_name, " is on ", rows.device(), "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == rows.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
+                   " but ", rows_name, " is ", rows.scalar_type(), "; use one dtype for all tensors");
+}
+
+// Checks what every form shares and fills the scalars of the problem.
+Problem make_problem(const char* op, const char* rows_name, const at::Tensor& rows, int64_t vocab,
+                     int64_t k, double rate, int64_t iterations, double logit_scale,
+                     double softcap) {
+  TORCH_CHECK_VALUE(vocab < std::numeric_limits<int32_t>::max(), op,
+                    ": the vocabulary must have fewer than 2^31 tokens, got ", vocab);
+  TORCH_CHECK_VALUE(k >= 1 && k <= vocab, op, ": evolution_scale (k) must be in [1, V] = [1, ",
+                    vocab, "], got ", k);
+  TORCH_CHECK_VALUE(iterations >= 1, op, ": iterations must be >= 1, got ", iterations);
+  TORCH_CHECK_VALUE(std::isfinite(rate), op, ": evolution_rate must be finite, got ", rate);
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale), op, ": logit_scale must be finite, got ",
+                    logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, op,
+                    ": softcap must be >= 0 and finite (0 turns soft-capping off), got ", softcap);
+  Problem p;
+  p.rows = rows;
+  p.num_rows = rows.size(0);
+  p.positions = rows.size(1);
+  p.vocab = vocab;
+  p.k = k;
+  p.iterations = iterations;
+  p.rate = rate;
+  p.logit_scale = logit_scale;
+  p.softcap = softcap;
+  return p;
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& rows, const char* last_dim) {
+  check_dtype(op, name, rows);
+  TORCH_CHECK_VALUE(rows.dim() == 3, op, ": ", name, " must be [R, N, ", last_dim,
+                    "] (R stacked rows per position: premature layers first, the final layer last), "
+                    "got shape ",
+                    shape_of(rows));
+  TORCH_CHECK_VALUE(rows.size(0) >= 2, op, ": ", name, " has R = ", rows.size(0),
+                    " row per position; SLED needs at least one premature row and the final row "
+                    "(R >= 2)");
+}
+
+Problem projection_problem(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, int64_t k, double rate,
+                           int64_t iterations, double logit_scale, double softcap) {
+  check_rows(op, "hidden", hidden, "H");
+  check_same(op, "weight", weight, hidden, "hidden");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2), op,
+                    ": weight must be [V, H] with H = ", hidden.size(2),
+                    " (the last dim of hidden), got shape ", shape_of(weight));
+  const int64_t vocab = weight.size(0);
+  Problem p = make_problem(op, "hidden", hidden, vocab, k, rate, iterations, logit_scale, softcap);
+  p.weight = weight;
+  if (bias.has_value()) {
+    check_same(op, "bias", *bias, hidden, "hidden");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == vocab, op, ": bias must be [V] = [",
+                      vocab, "], got shape ", shape_of(*bias));
+    p.bias = *bias;
+  }
+  return p;
+}
+
+Problem logits_problem(const char* op, const at::Tensor& logits, int64_t k, double rate,
+                       int64_t iterations, double logit_scale, double softcap) {
+  check_rows(op, "logits", logits, "V");
+  return make_problem(op, "logits", logits, logits.size(2), k, rate, iterations, logit_scale,
+                      softcap);
+}
+
+using Backend = Candidates (*)(const Problem&);
+
+at::Tensor run_full(Backend backend, Problem p, const char* op, double lower_bound) {
+  TORCH_CHECK_VALUE(!std::isnan(lower_bound), op, ": evolution_lower_bound must not be NaN");
+  p.full = at::full({p.positions, p.vocab}, lower_bound, p.rows.options().dtype(at::kFloat));
+  if (p.positions > 0) backend(p);
+  return p.full;
+}
+
+// Sorted by evolved value, descending; ties go to the lower token.
+std::tuple<at::Tensor, at::Tensor> run_topk(Backend backend, const Problem& p) {
+  if (p.positions == 0) {
+    const auto options = p.rows.options();
+    return {at::empty({0, p.k}, options.dtype(at::kFloat)),
+            at::empty({0, p.k}, options.dtype(at::kLong))};
+  }
+  const Candidates c = backend(p);
+  const auto [tokens, by_token] = c.tokens.sort(/*dim=*/1);
+  const auto [values, order] =
+      c.values.gather(1, by_token).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true);
+  return {values, tokens.gather(1, order)};
+}
+
+template <Backend backend>
+at::Tensor evolve(const at::Tensor& hidden, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t k, double rate,
+                  double lower_bound, int64_t iterations, double logit_scale, double softcap) {
+  constexpr const char* op = "sled.evolve";
+  return run_full(backend,
+                  projection_problem(op, hidden, weight, bias, k, rate, iterations, logit_scale,
+                                     softcap),
+                  op, lower_bound);
+}
+
+template <Backend backend>
+std::tuple<at::Tensor, at::Tensor> evolve_topk(const at::Tensor& hidden, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, int64_t k,
+                                               double rate, int64_t iterations,
+                                               double logit_scale, double softcap) {
+  return run_topk(backend, projection_problem("sled.evolve_topk", hidden, weight, bias, k, rate,
+                                              iterations, logit_scale, softcap));
+}
+
+template <Backend backend>
+at::Tensor evolve_logits(const at::Tensor& logits, int64_t k, double rate, double lower_bound,
+                         int64_t iterations, double logit_scale, double softcap) {
+  constexpr const char* op = "sled.evolve_logits";
+  return run_full(backend, logits_problem(op, logits, k, rate, iterations, logit_scale, softcap),
+                  op, lower_bound);
+}
+
+template <Backend backend>
+std::tuple<at::Tensor, at::Tensor> evolve_logits_topk(const at::Tensor& logits, int64_t k,
+                                                      double rate, int64_t iterations,
+                                                      double logit_scale, double softcap) {
+  return run_topk(backend, logits_problem("sled.evolve_logits_topk", logits, k, rate, iterations,
+                                          logit_scale, softcap));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sled, m) {
+  m.def(
+      "evolve(Tensor hidden, Tensor weight, Tensor? bias, int evolution_scale, "
+      "float evolution_rate, float evolution_lower_bound, int iterations=1, "
+      "float logit_scale=1.0, float softcap=0.0) -> Tensor");
+  m.def(
+      "evolve_topk(Tensor hidden, Tensor weight, Tensor? bias, int evolution_scale, "
+      "float evolution_rate, int iterations=1, float logit_scale=1.0, float softcap=0.0) "
+      "-> (Tensor values, Tensor indices)");
+  m.def(
+      "evolve_logits(Tensor logits, int evolution_scale, float evolution_rate, "
+      "float evolution_lower_bound, int iterations=1, float logit_scale=1.0, "
+      "float softcap=0.0) -> Tensor");
+  m.def(
+      "evolve_logits_topk(Tensor logits, int evolution_scale, float evolution_rate, "
+      "int iterations=1, float logit_scale=1.0, float softcap=0.0) "
+      "-> (Tensor values, Tensor indices)");
+}
+
+#define SLED_REGISTER_BACKEND(DISPATCH_KEY, backend)                  \
+  TORCH_LIBRARY_IMPL(sled, DISPATCH_KEY, m) {                         \
+    m.impl("evolve", &evolve<backend>);                               \
+    m.impl("evolve_topk", &evolve_topk<backend>);                     \
+    m.impl("evolve_logits", &evolve_logits<backend>);                 \
+    m.impl("evolve_logits_topk", &evolve_logits_topk<backend>);       \
+  }
+
+SLED_REGISTER_BACKEND(CPU, evolve_cpu)
+#ifdef SLED_WITH_CUDA
+SLED_REGISTER_BACKEND(CUDA, evolve_cuda)
+#endif
+
+}  // namespace sled

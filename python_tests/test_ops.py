@@ -1,0 +1,337 @@
+"""torch.ops.sled.* against sled_ext.reference (float64) over a sampled grid and edge cases."""
+import math
+import random
+
+import pytest
+import torch
+
+import sled_ext
+from sled_ext import reference as ref
+from tolerance import assert_matches_reference
+
+LB = -1000.0
+
+
+def make_inputs(R, N, H, V, dtype, bias=False, device="cpu"):
+    """A residual-stream-like stack (each layer adds to the last) and a vocab head whose logits
+    have a standard deviation of about 2."""
+    hidden = torch.randn(R, N, H).cumsum(0) / math.sqrt(R)
+    weight = torch.randn(V, H) * (2 / math.sqrt(H))
+    b = torch.randn(V) if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b)
+
+
+AXES = {
+    "R": [2, 3, 17, 33],
+    "N": [0, 1, 3, 8],
+    "H": [8, 64, 257],
+    "V": ["k", 1000, 32003, 128256],
+    "k": [1, 5, 10, 75, 100],
+    "iterations": [1, 10],
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    "bias": [False, True],
+    "softcap": [0.0, 30.0],
+    "logit_scale": [1.0, 0.5],
+}
+def case_id(case):
+    return "-".join(f"{a}{str(v).replace('torch.', '')}" for a, v in case.items())
+
+
+# The float64 reference builds [L, k, V] per position; keep each case's reference work bounded.
+POSITION_BUDGET, CASE_BUDGET = 2e7, 6e7
+
+
+def sampled_grid(count=120, seed=1234):
+    """Every value of every axis at least once, the rest drawn at random within the budgets;
+    empty batches only where forced (they are cheap and say little)."""
+    rng = random.Random(seed)
+    forced = [(axis, value) for axis, values in AXES.items() for value in values]
+    cases, seen = [], set()
+    while len(cases) < count:
+        case = {axis: rng.choice(values) for axis, values in AXES.items()}
+        case["N"] = rng.choice(AXES["N"][1:])
+        if forced:
+            case[forced[0][0]] = forced[0][1]
+        if case["V"] == "k":
+            case["V"] = case["k"]
+        work = (case["R"] - 1) * case["k"] * case["V"]
+        key = case_id(case)
+        if (case["k"] > case["V"] or work > POSITION_BUDGET
+                or work * case["N"] > CASE_BUDGET or key in seen):
+            continue
+        if forced:
+            forced.pop(0)
+        seen.add(key)
+        cases.append(case)
+    return cases
+
+
+GRID = sampled_grid()
+
+
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_evolve_matches_reference_on_grid(case, device):
+    R, N, H, V, k = (case[a] for a in "RNHVk")
+    hidden, weight, bias = make_inputs(R, N, H, V, case["dtype"], case["bias"], device)
+    scalars = dict(iterations=case["iterations"], logit_scale=case["logit_scale"],
+                   softcap=case["softcap"])
+    out = sled_ext.evolve(hidden, weight, bias, evolution_scale=k, evolution_rate=2.0,
+                          evolution_lower_bound=LB, **scalars)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), None if bias is None else bias.cpu(), k,
+                          2.0, LB, dtype=torch.float64, **scalars)
+    assert out.device.type == device
+    assert_matches_reference(out, expected, k, LB)
+
+    values, indices = sled_ext.evolve_topk(hidden, weight, bias, evolution_scale=k,
+                                           evolution_rate=2.0, **scalars)
+    assert values.shape == indices.shape == (N, k) and indices.dtype == torch.int64
+    torch.testing.assert_close(values, out.gather(1, indices), atol=0, rtol=0)
+    expected_values, _ = ref.topk_of(expected, k)
+    torch.testing.assert_close(values.cpu(), expected_values.float(), atol=1e-4, rtol=2e-5)
+    if N:
+        assert bool((values[:, :-1] >= values[:, 1:]).all()), "top-k form must be sorted"
+
+
+@pytest.mark.parametrize("iterations", [1, 10])
+def test_logits_form_matches_projection_form(device, iterations):
+    hidden, weight, bias = make_inputs(4, 3, 32, 3001, torch.float32, True, device)
+    logits = torch.stack([ref.project(h, weight, bias) for h in hidden])
+    kwargs = dict(evolution_scale=20, evolution_rate=1.5, iterations=iterations, softcap=20.0)
+    a = sled_ext.evolve(hidden, weight, bias, evolution_lower_bound=LB, **kwargs)
+    b = sled_ext.evolve_logits(logits, evolution_lower_bound=LB, **kwargs)
+    assert_matches_reference(a, b.double(), 20, LB)
+    values, indices = sled_ext.evolve_logits_topk(logits, **kwargs)
+    torch.testing.assert_close(values, b.gather(1, indices), atol=0, rtol=0)
+
+
+def check_logits_case(logits, k, rate=2.0, iterations=1, lower_bound=LB):
+    out = sled_ext.evolve_logits(logits, evolution_scale=k, evolution_rate=rate,
+                                 evolution_lower_bound=lower_bound, iterations=iterations)
+    expected = ref.evolve_logits(logits.cpu(), k, rate, lower_bound, iterations,
+                                 dtype=torch.float64)
+    assert_matches_reference(out, expected, k, lower_bound)
+    return out
+
+
+def test_exact_ties_keep_the_lower_tokens(device):
+    # Final logits from a handful of values: many exact ties at the top-k boundary.
+    logits = torch.randint(0, 4, (3, 5, 700)).float().to(device)
+    for k in (1, 7, 100):
+        out = check_logits_case(logits, k)
+        final = logits[-1].cpu()
+        for n in range(final.shape[0]):
+            kept = (out[n] != LB).nonzero().flatten().cpu()
+            assert torch.equal(kept, torch.sort(ref.top_tokens(final[n], k)).values)
+
+
+def test_exact_ties_through_the_projection(device):
+    # Small integers make every logit exact in float32, whatever the summation order.
+    hidden = torch.randint(-2, 3, (3, 4, 16)).float().to(device)
+    weight = torch.randint(-2, 3, (999, 16)).float().to(device)
+    weight[500:] = weight[:499]  # duplicate rows: exact ties between distant tokens
+    out = sled_ext.evolve(hidden, weight, None, evolution_scale=30, evolution_lower_bound=LB)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), None, 30, 2.0, LB, dtype=torch.float64)
+    assert_matches_reference(out, expected, 30, LB)
+
+
+@pytest.mark.parametrize("V", [1, 2, 37, 1000])
+def test_k_equals_vocab(device, V):
+    logits = torch.randn(3, 2, V, device=device) * 3
+    for iterations in (1, 10):
+        out = check_logits_case(logits, V, iterations=iterations)
+        assert bool((out != LB).all())
+
+
+def test_one_premature_layer(device):
+    check_logits_case(torch.randn(2, 4, 5003, device=device) * 2, 10, iterations=10)
+
+
+def test_premature_layer_identical_to_final(device):
+    logits = torch.randn(3, 2, 2000, device=device) * 2
+    logits[1] = logits[2]  # zero contrast for layer 1
+    check_logits_case(logits, 10)
+    logits[0] = logits[2]  # zero contrast everywhere: only the softmax step moves the logits
+    out = check_logits_case(logits, 10)
+    final = logits[2].double().cpu()
+    step = final - 2.0 * torch.softmax(final, -1)
+    kept = out.cpu() != LB
+    torch.testing.assert_close(out.cpu()[kept].double(), step[kept], atol=1e-5, rtol=1e-6)
+
+
+def test_all_zero_weights(device):
+    hidden, _, _ = make_inputs(4, 3, 64, 1000, torch.float32, device=device)
+    weight = torch.zeros(1000, 64, device=device)
+    out = sled_ext.evolve(hidden, weight, None, evolution_scale=10, evolution_lower_bound=LB)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), None, 10, 2.0, LB, dtype=torch.float64)
+    assert_matches_reference(out, expected, 10, LB)
+    assert bool((out[:, :10] != LB).all())  # all tie: the lowest tokens win
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e3, 3e4])
+def test_huge_and_tiny_logits(device, scale):
+    logits = torch.randn(5, 3, 4099, device=device) * scale
+    out = sled_ext.evolve_logits(logits, evolution_scale=10, evolution_lower_bound=LB,
+                                 iterations=10)
+    expected = ref.evolve_logits(logits.cpu(), 10, 2.0, LB, 10, dtype=torch.float64)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out != LB, expected.to(out.device) != LB)
+    torch.testing.assert_close(out, expected.float().to(out.device), atol=1e-4, rtol=1e-5)
+
+
+def test_dominant_premature_token_is_exact(device):
+    """SPEC's "one trap": premature rows nearly sure of token 7 (1 - p = 1e-3 ... 1e-10), and a
+    final row that puts token 7 slightly further ahead, so its contrast weight is positive and
+    matters. The published float32 math cancels there; the kernel must not."""
+    logits = torch.randn(6, 4, 4096, dtype=torch.float64)
+    logits[:-1, :, 7] += torch.tensor([14.0, 18.0, 22.0, 26.0, 30.0])[:, None]
+    logits[-1, :, 7] += 24.0
+    logits = logits.float()
+    out = sled_ext.evolve_logits(logits.to(device), evolution_scale=10,
+                                 evolution_lower_bound=LB).cpu()
+    exact = ref.evolve_logits(logits, 10, 2.0, LB, dtype=torch.float64).float()
+    published = ref.evolve_logits(logits, 10, 2.0, LB)
+    kernel_error = (out - exact).abs().max().item()
+    published_error = (published - exact).abs().max().item()
+    assert kernel_error < 2e-5
+    assert published_error > 1e-3  # the float32 published math does lose accuracy here
+
+
+def test_empty_batch(device):
+    hidden, weight, bias = make_inputs(3, 0, 16, 100, torch.float32, True, device)
+    out = sled_ext.evolve(hidden, weight, bias, evolution_scale=5)
+    assert out.shape == (0, 100) and out.dtype == torch.float32 and out.device.type == device
+    values, indices = sled_ext.evolve_topk(hidden, weight, bias, evolution_scale=5)
+    assert values.shape == indices.shape == (0, 5)
+    assert sled_ext.evolve_logits(torch.randn(3, 0, 100, device=device)).shape == (0, 100)
+
+
+def test_non_contiguous_inputs(device):
+    hidden, weight, bias = make_inputs(5, 3, 64, 2001, torch.float32, True, device)
+    wide = torch.randn(2001, 128, device=device)
+    wide[:, ::2] = weight
+    strided_weight = wide[:, ::2]
+    strided_hidden = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided_weight.is_contiguous() and not strided_hidden.is_contiguous()
+    a = sled_ext.evolve(hidden, weight, bias, evolution_lower_bound=LB)
+    b = sled_ext.evolve(strided_hidden, strided_weight, bias, evolution_lower_bound=LB)
+    assert_matches_reference(b, a.double(), 10, LB)
+    logits = torch.stack([ref.project(h, weight, bias) for h in hidden])
+    c = sled_ext.evolve_logits(logits.transpose(1, 2).contiguous().transpose(1, 2),
+                               evolution_lower_bound=LB)
+    assert_matches_reference(c, a.double(), 10, LB)
+
+
+def test_deterministic_and_independent_of_thread_count():
+    hidden, weight, bias = make_inputs(9, 4, 64, 50000, torch.float32, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sled_ext.evolve(hidden, weight, bias, iterations=3)
+        torch.set_num_threads(max(2, threads))
+        many = sled_ext.evolve(hidden, weight, bias, iterations=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert torch.equal(many, sled_ext.evolve(hidden, weight, bias, iterations=3))
+
+
+def test_non_finite_inputs_stay_in_their_position(device):
+    """Documented: a NaN/inf in a position's hidden rows makes that position's evolved values NaN;
+    other positions are untouched; the kept tokens are always k distinct valid indices."""
+    hidden, weight, bias = make_inputs(4, 3, 32, 1000, torch.float32, True, device)
+    clean = sled_ext.evolve(hidden, weight, bias, evolution_lower_bound=LB)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        poisoned = hidden.clone()
+        poisoned[1, 1, 5] = bad
+        out = sled_ext.evolve(poisoned, weight, bias, evolution_lower_bound=LB)
+        assert torch.equal(out[[0, 2]], clean[[0, 2]])
+        assert torch.isnan(out[1]).any()
+        values, indices = sled_ext.evolve_topk(poisoned, weight, bias)
+        assert bool(((indices >= 0) & (indices < 1000)).all())
+        assert all(len(set(row.tolist())) == 10 for row in indices)
+
+
+def test_non_finite_weight_does_not_crash(device):
+    hidden, weight, bias = make_inputs(4, 3, 32, 1000, torch.float32, True, device)
+    for bad in (float("nan"), float("inf")):
+        w = weight.clone()
+        w[123, 4] = bad
+        out = sled_ext.evolve(hidden, w, bias, evolution_scale=10, iterations=10)
+        assert out.shape == (3, 1000)
+        values, indices = sled_ext.evolve_topk(hidden, w, bias, evolution_scale=10)
+        assert bool(((indices >= 0) & (indices < 1000)).all())
+        assert all(len(set(row.tolist())) == 10 for row in indices)
+
+
+def good_args(device="cpu"):
+    hidden, weight, bias = make_inputs(3, 2, 8, 50, torch.float32, True, device)
+    return dict(hidden=hidden, weight=weight, bias=bias, evolution_scale=5, evolution_rate=2.0,
+                evolution_lower_bound=LB, iterations=1, logit_scale=1.0, softcap=0.0)
+
+
+BAD_INPUTS = [
+    (dict(hidden=torch.randn(2, 8)), ValueError, "hidden must be [R, N, H]"),
+    (dict(hidden=torch.randn(1, 2, 8)), ValueError, "R >= 2"),
+    (dict(weight=torch.randn(50, 9)), ValueError, "weight must be [V, H] with H = 8"),
+    (dict(bias=torch.randn(49)), ValueError, "bias must be [V] = [50]"),
+    (dict(evolution_scale=0), ValueError, "evolution_scale (k) must be in [1, V] = [1, 50]"),
+    (dict(evolution_scale=51), ValueError, "evolution_scale (k) must be in [1, V] = [1, 50]"),
+    (dict(iterations=0), ValueError, "iterations must be >= 1"),
+    (dict(evolution_rate=float("nan")), ValueError, "evolution_rate must be finite"),
+    (dict(evolution_lower_bound=float("nan")), ValueError, "evolution_lower_bound must not be NaN"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(logit_scale=float("inf")), ValueError, "logit_scale must be finite"),
+    (dict(hidden=torch.ones(3, 2, 8, dtype=torch.int64)), TypeError, "hidden must be float32"),
+    (dict(weight=torch.ones(50, 8, dtype=torch.int32)), TypeError, "weight is Int but hidden"),
+    (dict(weight=torch.randn(50, 8, dtype=torch.float64)), TypeError, "weight is Double"),
+    (dict(bias=torch.randn(50).half()), TypeError, "bias is Half but hidden is Float"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", BAD_INPUTS, ids=lambda x: str(x)[:40])
+def test_bad_input_gets_a_clear_error(change, error, message):
+    args = {**good_args(), **change}
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")
+                       .replace("(", r"\(").replace(")", r"\)")):
+        sled_ext.evolve(args.pop("hidden"), args.pop("weight"), args.pop("bias"), **args)
+
+
+def test_bad_logits_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"logits must be \[R, N, V\]"):
+        sled_ext.evolve_logits(torch.randn(5, 7))
+    with pytest.raises(ValueError, match="R >= 2"):
+        sled_ext.evolve_logits_topk(torch.randn(1, 2, 7))
+    with pytest.raises(ValueError, match=r"\[1, V\] = \[1, 7\]"):
+        sled_ext.evolve_logits(torch.randn(2, 2, 7), evolution_scale=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_devices_get_a_clear_error():
+    args = good_args()
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        sled_ext.evolve(args["hidden"], args["weight"].cuda(), None)
+
+
+def test_opcheck(device):
+    args = good_args(device)
+    evolve_args = tuple(args.values())
+    torch.library.opcheck(torch.ops.sled.evolve.default, evolve_args)
+    topk_args = evolve_args[:5] + evolve_args[6:]
+    torch.library.opcheck(torch.ops.sled.evolve_topk.default, topk_args)
+    logits = torch.randn(3, 2, 50, device=device)
+    torch.library.opcheck(torch.ops.sled.evolve_logits.default, (logits, 5, 2.0, LB, 2, 1.0, 0.0))
+    torch.library.opcheck(torch.ops.sled.evolve_logits_topk.default, (logits, 5, 2.0, 2, 1.0, 0.0))
+
+
+def test_compiles_with_fullgraph(device):
+    hidden, weight, bias = make_inputs(3, 2, 16, 300, torch.float32, True, device)
+
+    def step(hidden, weight, bias):
+        values, indices = sled_ext.evolve_topk(hidden, weight, bias, evolution_scale=7)
+        return indices.gather(1, values.argmax(1, keepdim=True)), sled_ext.evolve(
+            hidden, weight, bias, evolution_scale=7)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(hidden, weight, bias), step(hidden, weight, bias)):
+        assert torch.equal(got, want)

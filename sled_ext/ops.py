@@ -1,0 +1,67 @@
+"""Thin wrappers over ``torch.ops.sled`` with keyword defaults, and the fake kernels that let the
+ops trace under ``torch.compile``. The kernels, schemas and argument checks live in ``csrc/``."""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.sled)
+
+def evolve(hidden, weight, bias=None, *, evolution_scale=10, evolution_rate=2.0,
+           evolution_lower_bound=-1000.0, iterations=1, logit_scale=1.0, softcap=0.0):
+    """SLED-evolved logits ``[N, V]`` (float32) from stacked hidden states ``[R, N, H]``
+    (premature rows first, the final row last) and the vocab head ``weight [V, H]`` (+ ``bias``).
+    Tokens outside the final row's top-k get ``evolution_lower_bound``."""
+    return torch.ops.sled.evolve.default(hidden, weight, bias, evolution_scale, evolution_rate,
+                                         evolution_lower_bound, iterations, logit_scale, softcap)
+
+
+def evolve_topk(hidden, weight, bias=None, *, evolution_scale=10, evolution_rate=2.0,
+                iterations=1, logit_scale=1.0, softcap=0.0):
+    """Only the k candidates: ``(values [N, k] float32, indices [N, k] int64)`` sorted by evolved
+    value, descending (ties: lower token first)."""
+    return torch.ops.sled.evolve_topk.default(hidden, weight, bias, evolution_scale,
+                                              evolution_rate, iterations, logit_scale, softcap)
+
+
+def evolve_logits(logits, *, evolution_scale=10, evolution_rate=2.0,
+                  evolution_lower_bound=-1000.0, iterations=1, logit_scale=1.0, softcap=0.0):
+    """As :func:`evolve` for callers that already hold the logits ``[R, N, V]``."""
+    return torch.ops.sled.evolve_logits.default(logits, evolution_scale, evolution_rate,
+                                                evolution_lower_bound, iterations, logit_scale,
+                                                softcap)
+
+
+def evolve_logits_topk(logits, *, evolution_scale=10, evolution_rate=2.0, iterations=1,
+                       logit_scale=1.0, softcap=0.0):
+    """As :func:`evolve_topk` for callers that already hold the logits ``[R, N, V]``."""
+    return torch.ops.sled.evolve_logits_topk.default(logits, evolution_scale, evolution_rate,
+                                                     iterations, logit_scale, softcap)
+
+
+def _topk_outputs(rows, k):
+    positions = rows.shape[1]
+    return (rows.new_empty((positions, k), dtype=torch.float32),
+            rows.new_empty((positions, k), dtype=torch.int64))
+
+
+@torch.library.register_fake("sled::evolve")
+def _(hidden, weight, bias, evolution_scale, evolution_rate, evolution_lower_bound,
+      iterations=1, logit_scale=1.0, softcap=0.0):
+    return hidden.new_empty((hidden.shape[1], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("sled::evolve_topk")
+def _(hidden, weight, bias, evolution_scale, evolution_rate, iterations=1, logit_scale=1.0,
+      softcap=0.0):
+    return _topk_outputs(hidden, evolution_scale)
+
+
+@torch.library.register_fake("sled::evolve_logits")
+def _(logits, evolution_scale, evolution_rate, evolution_lower_bound, iterations=1,
+      logit_scale=1.0, softcap=0.0):
+    return logits.new_empty((logits.shape[1], logits.shape[2]), dtype=torch.float32)
+
+
+@torch.library.register_fake("sled::evolve_logits_topk")
+def _(logits, evolution_scale, evolution_rate, iterations=1, logit_scale=1.0, softcap=0.0):
+    return _topk_outputs(logits, evolution_scale)

@@ -1,0 +1,98 @@
+"""Pure-PyTorch SLED, written the way the published code computes it (SPEC.md).
+
+One vocab-head call per layer, softmaxes over the whole vocab, an explicit ``[L, k, V]`` tensor of
+``p_l - e_i`` and ``torch.nn.functional.cosine_similarity``, one position at a time. It is the
+oracle the tests trust and the baseline the benchmarks beat; keep it plain.
+
+``dtype`` is the arithmetic type: float32 is the published behaviour (which loses accuracy when a
+premature layer is nearly sure of one token), float64 is the oracle the kernels are held to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def project(hidden, weight, bias=None, dtype=torch.float32):
+    """One call of the vocab head: ``[..., H] -> [..., V]``."""
+    bias = None if bias is None else bias.to(dtype)
+    return F.linear(hidden.to(dtype), weight.to(dtype), bias)
+
+
+def postprocess(logits, logit_scale=1.0, softcap=0.0):
+    """The model's logit post-processing (scale, then Gemma-2 style soft-capping), on every row."""
+    logits = logits * logit_scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def top_tokens(final_logits, k):
+    """The k largest final logits; ties go to the lower token, NaN ranks first (as torch.sort)."""
+    return torch.sort(final_logits, descending=True, stable=True).indices[:k]
+
+
+def evolve_position(logits, k, rate, lower_bound, iterations=1):
+    """SPEC steps 1-6 for one position: ``logits`` is ``[R, V]``, premature rows first."""
+    premature, final = logits[:-1], logits[-1]
+    num_layers, vocab = premature.shape
+    topk = top_tokens(final, k)
+
+    p_premature = F.softmax(premature, dim=-1)
+    divergence = premature - final
+    candidate_gradients = p_premature[:, None, :].expand(num_layers, k, vocab).clone()
+    candidate_gradients[:, torch.arange(k), topk] -= 1  # p_l - e_i for every i in the top-k
+    cosine = F.cosine_similarity(candidate_gradients, divergence[:, None, :], dim=2)  # [L, k]
+
+    weights = cosine.clamp(min=0) ** 2
+    layer_sums = weights.sum(dim=1)
+    nonzero = layer_sums != 0
+    weights[nonzero] /= layer_sums[nonzero, None]
+    if layer_sums.sum() != 0:
+        layer_sums = layer_sums / layer_sums.sum()
+    delta = torch.zeros_like(final)
+    delta[topk] = -(weights * layer_sums[:, None]).sum(dim=0)
+
+    evolved = final.clone()
+    for t in range(iterations):
+        step = rate * (1 - t / iterations)
+        evolved = evolved - step * (F.softmax(evolved, dim=-1) + delta)
+
+    out = torch.full_like(final, lower_bound)
+    out[topk] = evolved[topk]
+    return out
+
+
+def evolve_logits(logits, evolution_scale, evolution_rate, evolution_lower_bound, iterations=1,
+                  logit_scale=1.0, softcap=0.0, dtype=torch.float32):
+    """``[R, N, V]`` logits -> ``[N, V]`` evolved logits (lower bound outside the top-k)."""
+    logits = postprocess(logits.to(dtype), logit_scale, softcap)
+    rows, positions, vocab = logits.shape
+    out = logits.new_empty((positions, vocab))
+    for n in range(positions):
+        out[n] = evolve_position(logits[:, n], evolution_scale, evolution_rate,
+                                 evolution_lower_bound, iterations)
+    return out
+
+
+def evolve(hidden, weight, bias, evolution_scale, evolution_rate, evolution_lower_bound,
+           iterations=1, logit_scale=1.0, softcap=0.0, dtype=torch.float32):
+    """``[R, N, H]`` stacked hidden states -> ``[N, V]``, one vocab-head call per layer."""
+    logits = torch.stack([project(h, weight, bias, dtype=dtype) for h in hidden])
+    return evolve_logits(logits, evolution_scale, evolution_rate, evolution_lower_bound,
+                         iterations, logit_scale, softcap, dtype)
+
+
+def evolve_topk(hidden, weight, bias, evolution_scale, evolution_rate, iterations=1,
+                logit_scale=1.0, softcap=0.0, dtype=torch.float32):
+    """The top-k form: values and tokens ``[N, k]``, by evolved value descending, ties to the
+    lower token."""
+    full = evolve(hidden, weight, bias, evolution_scale, evolution_rate, float("-inf"), iterations,
+                  logit_scale, softcap, dtype)
+    return topk_of(full, evolution_scale)
+
+
+def topk_of(full, k):
+    """The k kept entries of a full evolved row set, ordered as the top-k form orders them."""
+    order = torch.sort(full, dim=-1, descending=True, stable=True).indices[..., :k]
+    return full.gather(-1, order), order
