@@ -1,11 +1,16 @@
 # make demo: set up (venv, torch, build) and run the main job.   make test: the whole test suite.
+# make cpp-test: the CMake build of the op library for libtorch (C++) users, and its ctest.
 PYTHON_BOOT ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CUDA build of torch, so the CUDA kernels compile here too (no GPU needed to build).
 TORCH ?= torch==2.14.1
+# cmake from the venv (pip): the same recent version on every machine, whatever the system has.
+CMAKE ?= $(VENV)/bin/cmake
+CTEST ?= $(VENV)/bin/ctest
+CMAKE_BUILD_DIR ?= build-cmake
 
-.PHONY: setup build demo test bench clean
+.PHONY: setup build demo test cpp-test bench clean
 
 setup: $(VENV)/.ready
 
@@ -22,6 +27,13 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q python_tests
+	$(MAKE) cpp-test
+
+cpp-test: setup
+	$(CMAKE) -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	$(CMAKE) --build $(CMAKE_BUILD_DIR) -j2
+	$(CTEST) --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
 clean:
 	rm -rf build sled_ext/*.so *.egg-info

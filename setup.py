@@ -8,9 +8,16 @@ are present (no GPU needed). Environment overrides:
 import glob
 import os
 
-import torch
+# nvcc can be a wrapper script outside the toolkit (/usr/local/bin/nvcc here), which would make torch
+# guess CUDA_HOME=/usr/local; point it at the toolkit unless the user chose one.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists(
+        "/usr/local/cuda/include/cuda_runtime.h"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
 
 CPU_FLAGS = {
     "DEFAULT": [],

@@ -335,3 +335,38 @@ def test_compiles_with_fullgraph(device):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(hidden, weight, bias), step(hidden, weight, bias)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_many_positions_and_small_vocab_slices(device, iterations):
+    # Several position groups on CUDA (32 positions each) and vocab slices narrower than k.
+    hidden, weight, bias = make_inputs(3, 70, 16, 2500, torch.float32, True, device)
+    out = sled_ext.evolve(hidden, weight, bias, evolution_scale=100, evolution_lower_bound=LB,
+                          iterations=iterations)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), bias.cpu(), 100, 2.0, LB, iterations,
+                          dtype=torch.float64)
+    assert_matches_reference(out, expected, 100, LB)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_rejects_more_rows_than_it_stages():
+    with pytest.raises(ValueError, match="at most 128 stacked rows"):
+        sled_ext.evolve_logits(torch.randn(129, 1, 50, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_capture_replays_the_step():
+    """No host synchronisation inside the op: a step captures into a CUDA graph."""
+    hidden, weight, bias = make_inputs(5, 4, 64, 5000, torch.bfloat16, True, "cuda")
+    eager = sled_ext.evolve(hidden, weight, bias, iterations=2)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sled_ext.evolve(hidden, weight, bias, iterations=2)  # warm-up outside the capture
+        with torch.cuda.graph(graph, stream=stream):
+            captured = sled_ext.evolve(hidden, weight, bias, iterations=2)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
