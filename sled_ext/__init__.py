@@ -1,8 +1,23 @@
 """sled-ext: fast, exact SLED (Self Logits Evolution Decoding) for PyTorch.
 
-``torch.ops.sled.evolve`` and friends are registered on import; see :mod:`sled_ext.ops` for the
-Python signatures and :mod:`sled_ext.reference` for the pure-PyTorch oracle."""
+``torch.ops.sled.evolve`` and friends are registered on import (:mod:`sled_ext.ops`);
+:mod:`sled_ext.reference` is the pure-PyTorch oracle. Decoding and scoring for Hugging Face causal
+LMs (:func:`generate`, :func:`score`) need ``transformers`` and load on first use."""
 from . import reference
 from .ops import evolve, evolve_logits, evolve_logits_topk, evolve_topk
 
-__all__ = ["evolve", "evolve_logits", "evolve_logits_topk", "evolve_topk", "reference"]
+__all__ = ["evolve", "evolve_logits", "evolve_logits_topk", "evolve_topk", "reference",
+           "generate", "custom_generate", "score", "adapt"]
+
+
+def __getattr__(name):  # transformers is imported only by those who decode or score
+    if name in ("generate", "custom_generate"):
+        from . import decoding
+        return getattr(decoding, name)
+    if name == "score":
+        from .scoring import score
+        return score
+    if name == "adapt":
+        from .models import adapt
+        return adapt
+    raise AttributeError(name)

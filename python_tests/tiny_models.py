@@ -1,0 +1,38 @@
+"""Tiny random-weight models of every supported architecture, built from configs (no download)."""
+import warnings
+
+import torch
+import transformers
+
+VOCAB = 211  # not a multiple of any tile size
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "gemma": ("GemmaConfig", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=3, n_head=4, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "phi3": ("Phi3Config", {}),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16)),
+    "olmo2": ("Olmo2Config", {}),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
+    """An eval-mode model whose weights are large enough that next-token choices are not near-ties
+    (random init at the usual 0.02 makes every logit almost equal)."""
+    config_class, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_class)(**COMMON, **extra)
+    config.initializer_range = 0.1
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

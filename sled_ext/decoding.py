@@ -1,0 +1,203 @@
+"""SLED, DoLa and greedy decoding for Hugging Face causal LMs: the next-token scores of one step,
+the decoding loop (prefill, decode one token, pick: gpt-fast style) and its ``model.generate``
+integration."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.generation import (EosTokenCriteria, LogitsProcessorList,
+                                     RepetitionPenaltyLogitsProcessor, StoppingCriteriaList,
+                                     StopStringCriteria, TemperatureLogitsWarper,
+                                     TopPLogitsWarper)
+
+from . import ops
+from .models import Adapter, adapt, candidate_layers
+
+METHODS = ("sled", "dola", "greedy")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a step's scores are formed. ``layers`` are the candidate premature layers (see
+    :func:`sled_ext.models.candidate_layers`); SLED settings follow SPEC.md's generation setting."""
+    name: str = "sled"
+    evolution_rate: float = 2.0
+    evolution_scale: int = 10
+    evolution_lower_bound: float = -1000.0
+    iterations: int = 1
+    layers: object = "all"
+    premature_norm: bool = False
+    relative_top: float = 0.1  # DoLa
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.name!r}")
+
+
+class StepScorer:
+    """Next-token scores ``[P, V]`` (float32) for P positions from the final hidden states and the
+    premature rows the adapter captured in the same forward."""
+
+    def __init__(self, adapter: Adapter, method: Method):
+        self.adapter, self.method = adapter, method
+        self.layers = ([] if method.name == "greedy"
+                       else candidate_layers(method.layers, adapter.num_layers))
+        vocab = adapter.weight.shape[0]
+        if method.name == "sled" and not 1 <= method.evolution_scale <= vocab:
+            raise ValueError(f"evolution_scale (k) must be in [1, V] = [1, {vocab}] for this "
+                             f"model, got {method.evolution_scale}")
+
+    def rows(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """``[R, P, H]``: premature rows then the final row, on the vocab head's device."""
+        device = self.adapter.weight.device
+        premature = self.adapter.premature_rows(self.layers, self.method.premature_norm)
+        return torch.cat([premature.to(device), final_hidden.to(device)[None]])
+
+    def __call__(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        m, a = self.method, self.adapter
+        if m.name == "greedy":
+            return a.head(final_hidden)
+        if m.name == "sled":
+            return ops.evolve(self.rows(final_hidden), a.weight, a.bias,
+                              evolution_scale=m.evolution_scale, evolution_rate=m.evolution_rate,
+                              evolution_lower_bound=m.evolution_lower_bound,
+                              iterations=m.iterations, logit_scale=a.logit_scale,
+                              softcap=a.softcap)
+        contrast, keep = dola_contrast(a.head(self.rows(final_hidden)), m.relative_top)
+        return contrast.masked_fill(~keep, float("-inf"))
+
+
+def dola_contrast(logits: torch.Tensor, relative_top: float = 0.1):
+    """DoLa (Chuang et al. 2024) from ``[R, P, V]`` logits, premature rows first. Per position the
+    premature row with the largest Jensen-Shannon divergence to the final row is the base; returns
+    ``log p_N - log p_base`` ``[P, V]`` and the relative-top mask of the tokens it may keep
+    (``p_N >= relative_top * max p_N``). Unlike transformers' ``_dola_decoding``, which averages the
+    divergence over the batch, each position picks its own layer, so a batch decodes as its rows
+    would alone."""
+    final, premature = logits[-1].float(), logits[:-1].float()
+    log_final = final.log_softmax(-1)
+    log_premature = premature.log_softmax(-1)
+    mean = 0.5 * (log_final.exp() + log_premature.exp())
+    js = 0.5 * (F.kl_div(log_final.expand_as(log_premature), mean, reduction="none").mean(-1)
+                + F.kl_div(log_premature, mean, reduction="none").mean(-1))  # [L, P]
+    chosen = js.argmax(0)  # [P]
+    base = log_premature.gather(0, chosen[None, :, None].expand(1, *final.shape))[0]
+    keep = log_final >= log_final.max(-1, keepdim=True).values + math.log(relative_top)
+    return log_final - base, keep
+
+
+def _pick(scores: torch.Tensor, do_sample: bool, generator) -> torch.Tensor:
+    if not do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def decode(adapter: Adapter, scorer: Callable, input_ids: torch.Tensor, attention_mask,
+           processors, stopping, *, max_new_tokens: int, do_sample: bool, pad_token_id: int,
+           generator=None, on_tokens: Callable | None = None) -> torch.Tensor:
+    """The loop: prefill once, then one token per step for the whole batch with a KV cache.
+    Rows that stop keep emitting ``pad_token_id``; the loop ends when all rows stop."""
+    ids = input_ids
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = DynamicCache(config=adapter.model.config)
+    layers = getattr(scorer, "layers", [])
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    with adapter.capture(layers, select=lambda hidden: hidden[:, -1]):
+        hidden = adapter.forward(ids, mask, positions, cache)[:, -1]  # prefill
+        for _ in range(max_new_tokens):
+            scores = processors(ids, scorer(hidden).to(ids.device))
+            token = _pick(scores, do_sample, generator).masked_fill(done, pad_token_id)
+            ids = torch.cat([ids, token[:, None]], dim=-1)
+            if on_tokens is not None:
+                on_tokens(token)
+            done |= stopping(ids, scores)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            positions = positions[:, -1:] + 1
+            hidden = adapter.forward(token[:, None], mask, positions, cache)[:, -1]
+    return ids
+
+
+def generate(model, input_ids, attention_mask=None, *, method="sled", evolution_rate=2.0,
+             evolution_scale=10, evolution_lower_bound=-1000.0, iterations=1, layers="all",
+             premature_norm=False, relative_top=0.1, max_new_tokens=64, do_sample=False,
+             temperature=1.0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None,
+             pad_token_id=None, stop_strings=None, tokenizer=None, streamer=None, callback=None,
+             generator=None) -> torch.LongTensor:
+    """Generate with SLED (default), DoLa or greedy on any supported Hugging Face causal LM.
+
+    ``input_ids`` ``[B, S]`` (left-padded for batches, with ``attention_mask``). Returns
+    ``[B, S + new]``. Sampling uses ``temperature`` and ``top_p`` when ``do_sample``;
+    ``repetition_penalty`` 1.01-1.05 is what the SLED authors recommend for open-ended text.
+    Generation stops per row at ``eos_token_id`` (default: the model's) or any of ``stop_strings``
+    (needs ``tokenizer``). ``streamer`` (transformers' ``BaseStreamer``) gets every new token;
+    ``callback(tokens)`` gets each step's ``[B]`` tokens."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    adapter = adapt(model)
+    scorer = StepScorer(adapter, Method(method, evolution_rate, evolution_scale,
+                                        evolution_lower_bound, iterations, layers,
+                                        premature_norm, relative_top))
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if do_sample and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if do_sample and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    config = model.generation_config
+    eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    stopping = StoppingCriteriaList()
+    if eos is not None:
+        stopping.append(EosTokenCriteria(eos))
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer")
+        stopping.append(StopStringCriteria(tokenizer, stop_strings))
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = (eos if isinstance(eos, int) else (eos or [0])[0])
+
+    def on_tokens(tokens):
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        if callback is not None:
+            callback(tokens)
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    out = decode(adapter, scorer, input_ids, attention_mask, processors, stopping,
+                 max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
+                 generator=generator, on_tokens=on_tokens)
+    if streamer is not None:
+        streamer.end()
+    return out
+
+
+def custom_generate(method="sled", **settings):
+    """For ``model.generate(..., custom_generate=sled_ext.custom_generate("sled", ...))``:
+    transformers prepares inputs, logits processors and stopping criteria (max_new_tokens, eos,
+    stop strings...) from its generation config, and this loop uses them."""
+    def decoding_method(model, input_ids, logits_processor, stopping_criteria,
+                        generation_config, attention_mask=None, streamer=None, **_):
+        adapter = adapt(model)
+        scorer = StepScorer(adapter, Method(method, **settings))
+        pad = generation_config._pad_token_tensor
+        out = decode(adapter, scorer, input_ids, attention_mask, logits_processor,
+                     stopping_criteria, max_new_tokens=generation_config.max_length,
+                     do_sample=generation_config.do_sample,
+                     pad_token_id=int(pad) if pad is not None else 0,
+                     on_tokens=streamer.put if streamer is not None else None)
+        if streamer is not None:
+            streamer.end()
+        return out
+    return decoding_method

@@ -1,0 +1,161 @@
+"""Model adapters: what SLED needs from a Hugging Face causal LM.
+
+For the positions being decoded or scored, and only those, an adapter yields the stacked rows
+``[R, P, H]`` the op takes: the premature rows (candidate layers' hidden states, raw residual
+stream by default, as the published code) and the final row (the model's own normed output). It
+also carries the vocab head's weight and bias and the model's logit post-processing.
+
+Layer numbering follows ``output_hidden_states``: layer 0 is the embedding output (the input of the
+first decoder block), layer ``l`` the output of block ``l``; the final row is the normed output of
+the last block, so the candidate premature layers are ``0 .. num_layers - 1``.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Where the decoder blocks and the final norm live, by attribute name on the base model.
+_BLOCKS = ("layers", "h", "blocks")
+_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+
+
+class UnsupportedModel(ValueError):
+    """The model lacks something SLED needs; the message says what."""
+
+
+def _first_attr(module, names):
+    for name in names:
+        found = getattr(module, name, None)
+        if found is not None:
+            return found
+    return None
+
+
+def candidate_layers(spec, num_layers: int) -> list[int]:
+    """``"all"`` (embedding output and every block below the last), an explicit list, or
+    ``"stride:S"``: every S-th layer counting down from the final one (N - S, N - 2S, ... >= 0),
+    a cheaper subset."""
+    if spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str) and spec.startswith("stride:"):
+        stride = int(spec.split(":", 1)[1])
+        if stride < 1:
+            raise ValueError(f"layers stride must be >= 1, got {stride}")
+        return sorted(range(num_layers - stride, -1, -stride))
+    if isinstance(spec, str):
+        raise ValueError(f'layers must be "all", "stride:S" or a list of ints, got {spec!r}')
+    layers = sorted(set(int(layer) for layer in spec))
+    if not layers:
+        raise ValueError("layers is empty: SLED needs at least one premature layer")
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"premature layers must be in [0, {num_layers - 1}] for this model "
+                         f"({num_layers} blocks; the last block is the final row), got {bad}")
+    return layers
+
+
+@dataclass
+class Adapter:
+    model: nn.Module
+    decoder: nn.Module           # the base model: input ids -> normed last hidden state
+    blocks: nn.ModuleList
+    final_norm: nn.Module | None
+    weight: torch.Tensor         # [V, H]
+    bias: torch.Tensor | None
+    logit_scale: float
+    softcap: float
+    cache_kwarg: str             # "cache" (transformers >= 5.2x) or "past_key_values"
+    _captured: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @contextlib.contextmanager
+    def capture(self, layers: list[int], select):
+        """Within the block, each forward of the decoder records ``select(hidden)`` (``[B, S, H]``
+        -> ``[P, H]``) for every layer in ``layers``; read them with :meth:`premature_rows`."""
+        self._captured.clear()
+        hooks = []
+
+        def keep(layer):
+            def hook(hidden):
+                self._captured[layer] = select(hidden)
+            return hook
+
+        for layer in layers:
+            record = keep(layer)
+            if layer == 0:
+                hooks.append(self.blocks[0].register_forward_pre_hook(
+                    lambda _m, args, kwargs, record=record: record(
+                        args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+            else:
+                hooks.append(self.blocks[layer - 1].register_forward_hook(
+                    lambda _m, _args, out, record=record: record(
+                        out[0] if isinstance(out, tuple) else out)))
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def premature_rows(self, layers: list[int], premature_norm: bool = False) -> torch.Tensor:
+        """``[L, P, H]`` from the last captured forward, in the order of ``layers``."""
+        missing = [layer for layer in layers if layer not in self._captured]
+        if missing:
+            raise RuntimeError(f"no hidden states captured for layers {missing}")
+        rows = torch.stack([self._captured[layer] for layer in layers])
+        if premature_norm:
+            if self.final_norm is None:
+                raise UnsupportedModel("premature_norm=True but the model has no final norm")
+            rows = self.final_norm(rows)
+        return rows
+
+    def forward(self, input_ids, attention_mask, position_ids, cache=None):
+        """The base model's forward (no vocab head): ``[B, S, H]`` normed last hidden states."""
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": cache is not None}
+        if cache is not None:
+            kwargs[self.cache_kwarg] = cache
+        return self.decoder(input_ids=input_ids, **kwargs).last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own logits for final hidden states (float32), post-processing included."""
+        logits = nn.functional.linear(hidden.to(self.weight.device), self.weight, self.bias).float()
+        logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def adapt(model: nn.Module) -> Adapter:
+    """An :class:`Adapter` for a Hugging Face causal LM, or :class:`UnsupportedModel` naming
+    what is missing."""
+    name = type(model).__name__
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = _first_attr(model, ("model", "transformer", "gpt_neox"))
+    if decoder is None:
+        raise UnsupportedModel(f"{name}: no base model (get_decoder(), .model, .transformer)")
+    blocks = _first_attr(decoder, _BLOCKS)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) < 1:
+        raise UnsupportedModel(f"{name}: no list of decoder blocks (looked for "
+                               f"{', '.join(_BLOCKS)} on {type(decoder).__name__})")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise UnsupportedModel(f"{name}: the vocab head is {type(head).__name__}, not nn.Linear")
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= float(config.logits_scaling)
+    params = inspect.signature(decoder.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    return Adapter(model=model, decoder=decoder, blocks=blocks,
+                   final_norm=_first_attr(decoder, _FINAL_NORMS), weight=head.weight,
+                   bias=head.bias, logit_scale=scale,
+                   softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
+                   cache_kwarg=cache_kwarg)

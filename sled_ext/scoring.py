@@ -1,0 +1,104 @@
+"""Scoring continuations for multiple-choice evaluation (SPEC.md, "Scoring conventions").
+
+A continuation's score is the sum, over its tokens, of the value the method assigns to the actual
+next token: raw values (the published scripts' default, ``post_softmax=False``: raw final logits for
+greedy, raw evolved logits for SLED with the lower bound outside the top-k, the DoLa contrast) or
+log-probabilities (``post_softmax=True``). Only the continuation positions are projected.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+from .decoding import Method, StepScorer, dola_contrast
+from .models import adapt
+
+
+def tokenize_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of prompt + continuation and where the continuation starts, as the published
+    scripts compute it (the prompt tokenized on its own gives the split)."""
+    full = tokenizer(prompt + continuation).input_ids
+    start = len(tokenizer(prompt).input_ids)
+    if not 0 < start < len(full):
+        raise ValueError(f"continuation {continuation!r} adds no tokens after prompt {prompt!r}")
+    return full, start
+
+
+def _sled_target_scores(scorer, rows, targets, post_softmax):
+    m, a = scorer.method, scorer.adapter
+    values, indices = ops.evolve_topk(rows, a.weight, a.bias, evolution_scale=m.evolution_scale,
+                                      evolution_rate=m.evolution_rate, iterations=m.iterations,
+                                      logit_scale=a.logit_scale, softcap=a.softcap)
+    hit = indices == targets[:, None]
+    lower = m.evolution_lower_bound
+    chosen = torch.where(hit.any(-1), (values * hit).sum(-1), torch.full_like(values[:, 0], lower))
+    if not post_softmax:
+        return chosen
+    # log-softmax over the whole evolved vector: k values plus V - k copies of the lower bound.
+    outside = a.weight.shape[0] - m.evolution_scale
+    parts = [values]
+    if outside:
+        parts.append(torch.full_like(values[:, :1], lower + math.log(outside)))
+    return chosen - torch.logsumexp(torch.cat(parts, -1), -1)
+
+
+def _target_scores(scorer: StepScorer, final_hidden, targets, post_softmax, relative_top_value):
+    name = scorer.method.name
+    if name == "sled":
+        return _sled_target_scores(scorer, scorer.rows(final_hidden), targets, post_softmax)
+    if name == "greedy":
+        scores = scorer.adapter.head(final_hidden)
+        if post_softmax:
+            scores = scores.log_softmax(-1)
+    else:  # DoLa as the published lm_score: normalised before the filter, which sets a value
+        scores, keep = dola_contrast(scorer.adapter.head(scorer.rows(final_hidden)),
+                                     scorer.method.relative_top)
+        if post_softmax:
+            scores = scores.log_softmax(-1)
+        scores = scores.masked_fill(~keep, relative_top_value)
+    return scores.gather(-1, targets[:, None].to(scores.device))[:, 0]
+
+
+@torch.inference_mode()
+def score(model, tokenizer, prompts, continuations, *, method="sled", evolution_rate=2.0,
+          evolution_scale=10, evolution_lower_bound=-100.0, iterations=10, layers="all",
+          premature_norm=False, post_softmax=False, relative_top=0.1, relative_top_value=-1000.0,
+          batch_size=8, progress=None) -> list[float]:
+    """The score of each (prompt, continuation) pair: the sum over continuation tokens of the
+    method's value for the actual token. Defaults follow the published multiple-choice path
+    (T = 10, lower bound -100, raw values). ``progress(done, total)`` is called after each batch."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    adapter = adapt(model)
+    scorer = StepScorer(adapter, Method(method, evolution_rate, evolution_scale,
+                                        evolution_lower_bound, iterations, layers,
+                                        premature_norm, relative_top))
+    device = adapter.weight.device
+    pairs = [tokenize_pair(tokenizer, p, c) for p, c in zip(prompts, continuations)]
+    out = []
+    for first in range(0, len(pairs), batch_size):
+        batch = pairs[first:first + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        row, col = [], []
+        for b, (tokens, start) in enumerate(batch):  # right padding: positions are plain
+            ids[b, :len(tokens)] = torch.tensor(tokens)
+            mask[b, :len(tokens)] = 1
+            for position in range(start - 1, len(tokens) - 1):
+                row.append(b)
+                col.append(position)
+        row, col = torch.tensor(row, device=device), torch.tensor(col, device=device)
+        targets = ids[row, col + 1]
+        positions = torch.arange(width, device=device).expand_as(ids)
+        with adapter.capture(scorer.layers, select=lambda hidden: hidden[row, col]):
+            final = adapter.forward(ids, mask, positions)[row, col]
+            values = _target_scores(scorer, final, targets, post_softmax, relative_top_value)
+        totals = torch.zeros(len(batch), dtype=torch.float64)
+        totals.index_add_(0, row.cpu(), values.double().cpu())
+        out.extend(totals.tolist())
+        if progress is not None:
+            progress(len(out), len(pairs))
+    return out
