@@ -24,7 +24,7 @@ build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: build
-	$(PY) -m sled_ext.cli demo
+	$(PY) -m sled_ext.cli compare
 
 test: build
 	$(PY) -m pytest -q python_tests

