@@ -150,7 +150,7 @@ void postprocess(float* z, int64_t count, const float* bias, float scale, float 
 // converted weight tile stay in cache.
 int64_t tile_columns(int64_t rows, int64_t hidden) {
   const int64_t by_logits = (64 * 1024) / std::max<int64_t>(rows, 1);
-  const int64_t by_weight = hidden > 0 ? (1024 * 1024) / hidden : 4096;
+  const int64_t by_weight = hidden > 0 ? (256 * 1024) / hidden : 4096;
   const int64_t cols = std::min(by_logits, by_weight) / 16 * 16;
   return std::clamp<int64_t>(cols, 16, 4096);
 }
