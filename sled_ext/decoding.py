@@ -47,10 +47,6 @@ class StepScorer:
         self.adapter, self.method = adapter, method
         self.layers = ([] if method.name == "greedy"
                        else candidate_layers(method.layers, adapter.num_layers))
-        vocab = adapter.weight.shape[0]
-        if method.name == "sled" and not 1 <= method.evolution_scale <= vocab:
-            raise ValueError(f"evolution_scale (k) must be in [1, V] = [1, {vocab}] for this "
-                             f"model, got {method.evolution_scale}")
 
     def rows(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """``[R, P, H]``: premature rows then the final row, on the vocab head's device."""
@@ -193,7 +189,8 @@ def custom_generate(method="sled", **settings):
         scorer = StepScorer(adapter, Method(method, **settings))
         pad = generation_config._pad_token_tensor
         out = decode(adapter, scorer, input_ids, attention_mask, logits_processor,
-                     stopping_criteria, max_new_tokens=generation_config.max_length,
+                     stopping_criteria,
+                     max_new_tokens=generation_config.max_length - input_ids.shape[1],
                      do_sample=generation_config.do_sample,
                      pad_token_id=int(pad) if pad is not None else 0,
                      on_tokens=streamer.put if streamer is not None else None)

@@ -146,11 +146,13 @@ void postprocess(float* z, int64_t count, const float* bias, float scale, float 
   }
 }
 
-// Columns per tile: enough for BLAS to run at speed, small enough that the [R*N, tile] logits and a
-// converted weight tile stay in cache.
-int64_t tile_columns(int64_t rows, int64_t hidden) {
+// Columns per tile: enough for BLAS to run at speed, small enough that the [R*N, tile] logits stay
+// in cache and the weight panel does too (4 MiB read in place; a converted copy is a buffer per
+// thread, so 1 MiB).
+int64_t tile_columns(int64_t rows, int64_t hidden, bool converts_weight) {
   const int64_t by_logits = (64 * 1024) / std::max<int64_t>(rows, 1);
-  const int64_t by_weight = hidden > 0 ? (256 * 1024) / hidden : 4096;
+  const int64_t panel = converts_weight ? 256 * 1024 : 1024 * 1024;
+  const int64_t by_weight = hidden > 0 ? panel / hidden : 4096;
   const int64_t cols = std::min(by_logits, by_weight) / 16 * 16;
   return std::clamp<int64_t>(cols, 16, 4096);
 }
@@ -184,7 +186,7 @@ Candidates evolve_cpu(const Problem& p) {
   // T > 1 needs the whole final row for the later softmaxes (SPEC step 5).
   at::Tensor final_rows = p.iterations > 1 ? at::empty({N, V}, f32) : at::Tensor();
 
-  const int64_t tile = tile_columns(M, H);
+  const int64_t tile = tile_columns(M, H, projects && !weight_in_place);
   const int64_t tiles = (V + tile - 1) / tile;
   const int64_t chunks = std::min<int64_t>(tiles, std::max<int64_t>(16, at::get_num_threads()));
   std::vector<ChunkResult> results(chunks);
