@@ -32,14 +32,19 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
                    " but ", rows_name, " is ", rows.scalar_type(), "; use one dtype for all tensors");
 }
 
-// Checks what every form shares and fills the scalars of the problem.
+// Checks what every form shares and fills the scalars of the problem. A vocab shard (sled.partials)
+// may hold fewer than k tokens; a whole vocabulary may not.
 Problem make_problem(const char* op, const char* rows_name, const at::Tensor& rows, int64_t vocab,
                      int64_t k, double rate, int64_t iterations, double logit_scale,
-                     double softcap) {
+                     double softcap, bool whole_vocab = true) {
   TORCH_CHECK_VALUE(vocab < std::numeric_limits<int32_t>::max(), op,
                     ": the vocabulary must have fewer than 2^31 tokens, got ", vocab);
-  TORCH_CHECK_VALUE(k >= 1 && k <= vocab, op, ": evolution_scale (k) must be in [1, V] = [1, ",
-                    vocab, "], got ", k);
+  if (whole_vocab) {
+    TORCH_CHECK_VALUE(k >= 1 && k <= vocab, op, ": evolution_scale (k) must be in [1, V] = [1, ",
+                      vocab, "], got ", k);
+  } else {
+    TORCH_CHECK_VALUE(k >= 1, op, ": evolution_scale (k) must be >= 1, got ", k);
+  }
   TORCH_CHECK_VALUE(iterations >= 1, op, ": iterations must be >= 1, got ", iterations);
   TORCH_CHECK_VALUE(std::isfinite(rate), op, ": evolution_rate must be finite, got ", rate);
   TORCH_CHECK_VALUE(std::isfinite(logit_scale), op, ": logit_scale must be finite, got ",
@@ -59,6 +64,11 @@ Problem make_problem(const char* op, const char* rows_name, const at::Tensor& ro
   return p;
 }
 
+void check_cuda_rows(const char* op, const at::Device& device, int64_t rows) {
+  TORCH_CHECK_VALUE(!device.is_cuda() || rows <= kCudaMaxRows, op, ": on CUDA it takes at most ",
+                    kCudaMaxRows, " stacked rows (R) per position, got ", rows);
+}
+
 void check_rows(const char* op, const char* name, const at::Tensor& rows, const char* last_dim) {
   check_dtype(op, name, rows);
   TORCH_CHECK_VALUE(rows.dim() == 3, op, ": ", name, " must be [R, N, ", last_dim,
@@ -68,18 +78,21 @@ void check_rows(const char* op, const char* name, const at::Tensor& rows, const 
   TORCH_CHECK_VALUE(rows.size(0) >= 2, op, ": ", name, " has R = ", rows.size(0),
                     " row per position; SLED needs at least one premature row and the final row "
                     "(R >= 2)");
+  check_cuda_rows(op, rows.device(), rows.size(0));
 }
 
 Problem projection_problem(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t k, double rate,
-                           int64_t iterations, double logit_scale, double softcap) {
+                           int64_t iterations, double logit_scale, double softcap,
+                           bool whole_vocab = true) {
   check_rows(op, "hidden", hidden, "H");
   check_same(op, "weight", weight, hidden, "hidden");
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2), op,
                     ": weight must be [V, H] with H = ", hidden.size(2),
                     " (the last dim of hidden), got shape ", shape_of(weight));
   const int64_t vocab = weight.size(0);
-  Problem p = make_problem(op, "hidden", hidden, vocab, k, rate, iterations, logit_scale, softcap);
+  Problem p = make_problem(op, "hidden", hidden, vocab, k, rate, iterations, logit_scale, softcap,
+                           whole_vocab);
   p.weight = weight;
   if (bias.has_value()) {
     check_same(op, "bias", *bias, hidden, "hidden");
@@ -156,6 +169,63 @@ std::tuple<at::Tensor, at::Tensor> evolve_logits_topk(const at::Tensor& logits, 
                                           logit_scale, softcap));
 }
 
+using PartialsTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SelectionTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <Partials (*backend)(const Problem&, int64_t, bool)>
+PartialsTuple partials(const at::Tensor& hidden, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, int64_t vocab_offset, int64_t k,
+                       double logit_scale, double softcap, bool keep_final) {
+  constexpr const char* op = "sled.partials";
+  Problem p = projection_problem(op, hidden, weight, bias, k, /*rate=*/0.0, /*iterations=*/1,
+                                 logit_scale, softcap, /*whole_vocab=*/false);
+  TORCH_CHECK_VALUE(vocab_offset >= 0 &&
+                        vocab_offset + p.vocab < std::numeric_limits<int32_t>::max(),
+                    op, ": vocab_offset must be >= 0 and offset + shard size < 2^31, got ",
+                    vocab_offset);
+  const Partials out = backend(p, vocab_offset, keep_final);
+  return {out.stats, out.argmax, out.values, out.tokens, out.premature, out.final_rows};
+}
+
+template <Selection (*backend)(const Partials&, int64_t)>
+SelectionTuple combine(const at::Tensor& stats, const at::Tensor& argmax, const at::Tensor& values,
+                       const at::Tensor& tokens, const at::Tensor& premature, int64_t k) {
+  constexpr const char* op = "sled.combine";
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(2) >= 2 && stats.size(3) == 6, op,
+                    ": stats must be [S, N, R, 6] (partials of S shards stacked), got shape ",
+                    shape_of(stats));
+  const int64_t S = stats.size(0), N = stats.size(1), R = stats.size(2);
+  check_cuda_rows(op, stats.device(), R);
+  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == S && values.size(1) == N, op,
+                    ": values must be [S, N, k'] = [", S, ", ", N, ", k'], got shape ",
+                    shape_of(values));
+  const int64_t kept = values.size(2);
+  const auto expect = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                          at::ScalarType dtype) {
+    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+                      shape_of(t));
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == stats.device(), op, ": ", name, " is on ", t.device(),
+                      " but stats is on ", stats.device());
+  };
+  expect(stats, "stats", {S, N, R, 6}, at::kFloat);
+  expect(argmax, "argmax", {S, N, R}, at::kLong);
+  expect(values, "values", {S, N, kept}, at::kFloat);
+  expect(tokens, "tokens", {S, N, kept}, at::kLong);
+  expect(premature, "premature", {S, N, kept, R - 1}, at::kFloat);
+  TORCH_CHECK_VALUE(k >= 1 && k <= kept, op, ": evolution_scale (k) must be in [1, ", kept,
+                    "] (the shards' candidates per position), got ", k);
+  if (N == 0) {
+    const auto options = stats.options();
+    return {at::empty({0, k}, options.dtype(at::kLong)), at::empty({0, k}, options),
+            at::empty({0, k}, options), at::empty({0, 2}, options)};
+  }
+  const Selection out = backend({stats, argmax, values, tokens, premature, at::Tensor()}, k);
+  return {out.tokens, out.values, out.delta, out.softmax};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sled, m) {
@@ -175,19 +245,30 @@ TORCH_LIBRARY(sled, m) {
       "evolve_logits_topk(Tensor logits, int evolution_scale, float evolution_rate, "
       "int iterations=1, float logit_scale=1.0, float softcap=0.0) "
       "-> (Tensor values, Tensor indices)");
+  // The two phases of the op for a vocab-sharded head (sled_ext.distributed).
+  m.def(
+      "partials(Tensor hidden, Tensor weight, Tensor? bias, int vocab_offset, "
+      "int evolution_scale, float logit_scale=1.0, float softcap=0.0, bool keep_final=False) "
+      "-> (Tensor stats, Tensor argmax, Tensor values, Tensor tokens, Tensor premature, "
+      "Tensor final_rows)");
+  m.def(
+      "combine(Tensor stats, Tensor argmax, Tensor values, Tensor tokens, Tensor premature, "
+      "int evolution_scale) -> (Tensor tokens, Tensor values, Tensor delta, Tensor softmax)");
 }
 
-#define SLED_REGISTER_BACKEND(DISPATCH_KEY, backend)                  \
-  TORCH_LIBRARY_IMPL(sled, DISPATCH_KEY, m) {                         \
-    m.impl("evolve", &evolve<backend>);                               \
-    m.impl("evolve_topk", &evolve_topk<backend>);                     \
-    m.impl("evolve_logits", &evolve_logits<backend>);                 \
-    m.impl("evolve_logits_topk", &evolve_logits_topk<backend>);       \
+#define SLED_REGISTER_BACKEND(DISPATCH_KEY, evolve_backend, partials_backend, combine_backend) \
+  TORCH_LIBRARY_IMPL(sled, DISPATCH_KEY, m) {                                                 \
+    m.impl("evolve", &evolve<evolve_backend>);                                                \
+    m.impl("evolve_topk", &evolve_topk<evolve_backend>);                                      \
+    m.impl("evolve_logits", &evolve_logits<evolve_backend>);                                  \
+    m.impl("evolve_logits_topk", &evolve_logits_topk<evolve_backend>);                        \
+    m.impl("partials", &partials<partials_backend>);                                          \
+    m.impl("combine", &combine<combine_backend>);                                             \
   }
 
-SLED_REGISTER_BACKEND(CPU, evolve_cpu)
+SLED_REGISTER_BACKEND(CPU, evolve_cpu, partials_cpu, combine_cpu)
 #ifdef SLED_WITH_CUDA
-SLED_REGISTER_BACKEND(CUDA, evolve_cuda)
+SLED_REGISTER_BACKEND(CUDA, evolve_cuda, partials_cuda, combine_cuda)
 #endif
 
 }  // namespace sled

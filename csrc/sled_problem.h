@@ -5,6 +5,10 @@
 
 namespace sled {
 
+// The CUDA kernel stages every stacked row of a position group in shared memory; the binding
+// checks this limit (the kernels assume it).
+constexpr int kCudaMaxRows = 128;
+
 struct Problem {
   at::Tensor rows;    // [R, N, H] hidden states, or [R, N, V] logits when `weight` is undefined;
                       // premature rows first, the final row last
@@ -22,8 +26,31 @@ struct Candidates {
   at::Tensor values, tokens;
 };
 
+// Phase 1 over one vocab shard (sled.partials): what the shard contributes, independent of V.
+struct Partials {
+  at::Tensor stats;      // [N, R, 6] float32: RowStats without argmax (max, d_at_max, rest_sum,
+                         // rest_sq, rest_dot, d_sq)
+  at::Tensor argmax;     // [N, R] int64, global token ids (-1: the shard is empty)
+  at::Tensor values;     // [N, k] float32 final logits of the shard's best tokens (any order)
+  at::Tensor tokens;     // [N, k] int64 global ids; -1 pads (last) a shard of fewer than k tokens
+  at::Tensor premature;  // [N, k, L] float32 the premature rows' logits at those tokens
+  at::Tensor final_rows; // [N, shard V] float32 when kept (T > 1), else [N, 0]
+};
+
+// Phase 2 (sled.combine) over S shards' partials stacked on a leading dim: SPEC steps 1-4.
+struct Selection {
+  at::Tensor tokens;   // [N, k] int64, best final logit first
+  at::Tensor values;   // [N, k] float32 final logits there
+  at::Tensor delta;    // [N, k] float32
+  at::Tensor softmax;  // [N, 2] float32 final row's max and sum of exp(z - max) over all shards
+};
+
 // Each backend runs one Problem with positions >= 1.
 Candidates evolve_cpu(const Problem& problem);
 Candidates evolve_cuda(const Problem& problem);
+Partials partials_cpu(const Problem& problem, int64_t vocab_offset, bool keep_final);
+Partials partials_cuda(const Problem& problem, int64_t vocab_offset, bool keep_final);
+Selection combine_cpu(const Partials& stacked, int64_t k);
+Selection combine_cuda(const Partials& stacked, int64_t k);
 
 }  // namespace sled

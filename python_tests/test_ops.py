@@ -352,6 +352,13 @@ def test_many_positions_and_small_vocab_slices(device, iterations):
 def test_cuda_rejects_more_rows_than_it_stages():
     with pytest.raises(ValueError, match="at most 128 stacked rows"):
         sled_ext.evolve_logits(torch.randn(129, 1, 50, device="cuda"))
+    def zeros(*shape, dtype=torch.float32):
+        return torch.zeros(shape, dtype=dtype, device="cuda")
+    S, N, R, kept = 1, 1, 129, 1
+    with pytest.raises(ValueError, match="at most 128 stacked rows"):
+        sled_ext.combine(zeros(S, N, R, 6), zeros(S, N, R, dtype=torch.long), zeros(S, N, kept),
+                         zeros(S, N, kept, dtype=torch.long), zeros(S, N, kept, R - 1),
+                         evolution_scale=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

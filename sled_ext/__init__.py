@@ -4,10 +4,10 @@
 :mod:`sled_ext.reference` is the pure-PyTorch oracle. Decoding and scoring for Hugging Face causal
 LMs (:func:`generate`, :func:`score`) need ``transformers`` and load on first use."""
 from . import reference
-from .ops import evolve, evolve_logits, evolve_logits_topk, evolve_topk
+from .ops import combine, evolve, evolve_logits, evolve_logits_topk, evolve_topk, partials
 
-__all__ = ["evolve", "evolve_logits", "evolve_logits_topk", "evolve_topk", "reference",
-           "generate", "custom_generate", "score", "adapt"]
+__all__ = ["evolve", "evolve_logits", "evolve_logits_topk", "evolve_topk", "partials", "combine",
+           "reference", "generate", "custom_generate", "score", "adapt"]
 
 
 def __getattr__(name):  # transformers is imported only by those who decode or score

@@ -38,6 +38,22 @@ def evolve_logits_topk(logits, *, evolution_scale=10, evolution_rate=2.0, iterat
                                                      iterations, logit_scale, softcap)
 
 
+def partials(hidden, weight_shard, bias_shard=None, *, vocab_offset, evolution_scale=10,
+             logit_scale=1.0, softcap=0.0, keep_final=False):
+    """Phase 1 over one vocab shard (rows ``[vocab_offset, vocab_offset + V_r)`` of the head):
+    ``(stats [N, R, 6], argmax [N, R], values [N, k], tokens [N, k], premature [N, k, L],
+    final_rows [N, V_r or 0])``; see :mod:`sled_ext.distributed`."""
+    return torch.ops.sled.partials.default(hidden, weight_shard, bias_shard, vocab_offset,
+                                           evolution_scale, logit_scale, softcap, keep_final)
+
+
+def combine(stats, argmax, values, tokens, premature, *, evolution_scale=10):
+    """Phase 2 over S shards' partials stacked on a leading dim (SPEC steps 1-4):
+    ``(tokens [N, k], final logits [N, k], delta [N, k], final softmax max/sum [N, 2])``."""
+    return torch.ops.sled.combine.default(stats, argmax, values, tokens, premature,
+                                          evolution_scale)
+
+
 def _topk_outputs(rows, k):
     positions = rows.shape[1]
     return (rows.new_empty((positions, k), dtype=torch.float32),
@@ -65,3 +81,21 @@ def _(logits, evolution_scale, evolution_rate, evolution_lower_bound, iterations
 @torch.library.register_fake("sled::evolve_logits_topk")
 def _(logits, evolution_scale, evolution_rate, iterations=1, logit_scale=1.0, softcap=0.0):
     return _topk_outputs(logits, evolution_scale)
+
+
+@torch.library.register_fake("sled::partials")
+def _(hidden, weight, bias, vocab_offset, evolution_scale, logit_scale=1.0, softcap=0.0,
+      keep_final=False):
+    R, N = hidden.shape[0], hidden.shape[1]
+    k, f32, i64 = evolution_scale, torch.float32, torch.int64
+    return (hidden.new_empty((N, R, 6), dtype=f32), hidden.new_empty((N, R), dtype=i64),
+            hidden.new_empty((N, k), dtype=f32), hidden.new_empty((N, k), dtype=i64),
+            hidden.new_empty((N, k, R - 1), dtype=f32),
+            hidden.new_empty((N, weight.shape[0] if keep_final else 0), dtype=f32))
+
+
+@torch.library.register_fake("sled::combine")
+def _(stats, argmax, values, tokens, premature, evolution_scale):
+    N, k = stats.shape[1], evolution_scale
+    return (tokens.new_empty((N, k)), values.new_empty((N, k)), values.new_empty((N, k)),
+            values.new_empty((N, 2)))

@@ -169,8 +169,8 @@ std::pair<float, float> softmax_stats(const float* x, int64_t count) {
 
 }  // namespace
 
-Candidates evolve_cpu(const Problem& p) {
-  const int64_t R = p.num_rows, N = p.positions, V = p.vocab, M = R * N, L = R - 1;
+Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
+  const int64_t R = p.num_rows, N = p.positions, V = p.vocab, M = R * N, L = R - 1, k = p.k;
   const auto f32 = p.rows.options().dtype(at::kFloat);
   const bool projects = p.projects();
   const int64_t H = projects ? p.weight.size(1) : 0;
@@ -183,8 +183,7 @@ Candidates evolve_cpu(const Problem& p) {
       projects && p.weight.scalar_type() == at::kFloat && p.weight.stride(1) == 1;
   const float scale = static_cast<float>(p.logit_scale);
   const float softcap = static_cast<float>(p.softcap);
-  // T > 1 needs the whole final row for the later softmaxes (SPEC step 5).
-  at::Tensor final_rows = p.iterations > 1 ? at::empty({N, V}, f32) : at::Tensor();
+  at::Tensor final_rows = at::empty({N, keep_final ? V : 0}, f32);
 
   const int64_t tile = tile_columns(M, H, projects && !weight_in_place);
   const int64_t tiles = (V + tile - 1) / tile;
@@ -199,10 +198,9 @@ Candidates evolve_cpu(const Problem& p) {
       ChunkResult& result = results[chunk];
       result.stats.assign(M, empty_stats<ScalarLanes>());
       const int64_t first_tile = chunk * tiles / chunks, last_tile = (chunk + 1) * tiles / chunks;
-      const int64_t chunk_tokens =
-          std::min(V, last_tile * tile) - first_tile * tile;
+      const int64_t chunk_tokens = std::min(V, last_tile * tile) - first_tile * tile;
       result.heaps.clear();
-      for (int64_t n = 0; n < N; ++n) result.heaps.emplace_back(std::min(p.k, chunk_tokens), L);
+      for (int64_t n = 0; n < N; ++n) result.heaps.emplace_back(std::min(k, chunk_tokens), L);
 
       for (int64_t t = first_tile; t < last_tile; ++t) {
         const int64_t v0 = t * tile, cols = std::min(tile, V - v0);
@@ -218,55 +216,113 @@ Candidates evolve_cpu(const Problem& p) {
         const float* tile_bias = bias.defined() ? bias.data_ptr<float>() + v0 : nullptr;
         for (int64_t m = 0; m < M; ++m) postprocess(z + m * cols, cols, tile_bias, scale, softcap);
 
-        const int32_t token0 = static_cast<int32_t>(v0);
+        const int32_t token0 = static_cast<int32_t>(vocab_offset + v0);
         for (int64_t n = 0; n < N; ++n) {
           const float* final_row = z + ((R - 1) * N + n) * cols;
           for (int64_t r = 0; r < R; ++r)
             fold_row(result.stats[r * N + n], z + (r * N + n) * cols, final_row, cols, token0);
           result.heaps[n].offer(final_row, z + n * cols, N * cols, cols, token0);
-          if (final_rows.defined())
+          if (keep_final)
             std::copy(final_row, final_row + cols, final_rows.data_ptr<float>() + n * V + v0);
         }
       }
     }
   });
 
-  std::vector<RowStats> stats(M, empty_stats<ScalarLanes>());
-  for (const ChunkResult& result : results)
-    for (int64_t m = 0; m < M; ++m) stats[m] = merge(stats[m], result.stats[m]);
-
-  const int64_t k = p.k;
-  at::Tensor values = at::empty({N, k}, f32);
-  at::Tensor tokens = at::empty({N, k}, p.rows.options().dtype(at::kLong));
+  Partials out;
+  out.stats = at::empty({N, R, 6}, f32);
+  out.argmax = at::empty({N, R}, f32.dtype(at::kLong));
+  out.values = at::empty({N, k}, f32);
+  out.tokens = at::empty({N, k}, f32.dtype(at::kLong));
+  out.premature = at::empty({N, k, L}, f32);
+  out.final_rows = final_rows;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t r = 0; r < R; ++r) {
+      RowStats s = empty_stats<ScalarLanes>();
+      for (const ChunkResult& result : results) s = merge(s, result.stats[r * N + n]);
+      const float fields[6] = {s.max, s.d_at_max, s.rest_sum, s.rest_sq, s.rest_dot, s.d_sq};
+      std::copy_n(fields, 6, out.stats.data_ptr<float>() + (n * R + r) * 6);
+      out.argmax.data_ptr<int64_t>()[n * R + r] = s.argmax;
+    }
+  }
+  // The shard's top-k is inside the union of its chunks' top-ks.
   at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
     struct Pick {
       CandidateHeap::Entry entry;
       const CandidateHeap* heap;
     };
     std::vector<Pick> picks;
-    std::vector<float> final_k(k), carried(k * L), weights(L * k), layer_sum(L), delta(k);
     for (int64_t n = n_begin; n < n_end; ++n) {
-      // SPEC step 1: the global top-k is inside the union of the chunks' top-ks.
       picks.clear();
       for (const ChunkResult& result : results)
         for (const auto& e : result.heaps[n].entries()) picks.push_back({e, &result.heaps[n]});
-      const auto better = [](const Pick& a, const Pick& b) {
-        return CandidateHeap::worse_last(a.entry, b.entry);
-      };
-      std::partial_sort(picks.begin(), picks.begin() + k, picks.end(), better);
+      const int64_t kept = std::min<int64_t>(k, picks.size());
+      std::partial_sort(picks.begin(), picks.begin() + kept, picks.end(),
+                        [](const Pick& a, const Pick& b) {
+                          return CandidateHeap::worse_last(a.entry, b.entry);
+                        });
       for (int64_t i = 0; i < k; ++i) {
-        final_k[i] = picks[i].entry.value;
-        std::copy_n(picks[i].heap->carried(picks[i].entry.slot), L, carried.data() + i * L);
+        const bool real = i < kept;
+        out.values.data_ptr<float>()[n * k + i] = real ? picks[i].entry.value : 0.f;
+        out.tokens.data_ptr<int64_t>()[n * k + i] = real ? picks[i].entry.token : -1;
+        float* premature = out.premature.data_ptr<float>() + (n * k + i) * L;
+        if (real)
+          std::copy_n(picks[i].heap->carried(picks[i].entry.slot), L, premature);
+        else
+          std::fill_n(premature, L, 0.f);
       }
+    }
+  });
+  return out;
+}
+
+Selection combine_cpu(const Partials& in, int64_t k) {
+  const int64_t S = in.stats.size(0), N = in.stats.size(1), R = in.stats.size(2);
+  const int64_t L = R - 1, kk = in.values.size(2);
+  const at::Tensor stats = in.stats.contiguous(), argmax = in.argmax.contiguous(),
+                   values = in.values.contiguous(), tokens = in.tokens.contiguous(),
+                   premature = in.premature.contiguous();
+  const auto f32 = stats.options();
+  Selection out{at::empty({N, k}, f32.dtype(at::kLong)), at::empty({N, k}, f32),
+                at::empty({N, k}, f32), at::empty({N, 2}, f32)};
+  at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
+    std::vector<RowStats> row_stats(R);
+    std::vector<int64_t> picks;  // candidate index s * kk + i, by rank
+    std::vector<float> weights(L * k), layer_sum(L);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      for (int64_t r = 0; r < R; ++r) {  // shards merge in order
+        RowStats merged = empty_stats<ScalarLanes>();
+        for (int64_t s = 0; s < S; ++s) {
+          const float* f = stats.data_ptr<float>() + ((s * N + n) * R + r) * 6;
+          const int64_t a = argmax.data_ptr<int64_t>()[(s * N + n) * R + r];
+          merged = merge(merged, RowStats{f[0], static_cast<int32_t>(a), f[1], f[2], f[3], f[4],
+                                          f[5]});
+        }
+        row_stats[r] = merged;
+      }
+      // SPEC step 1: the global top-k is inside the union of the shards' top-ks.
+      const auto value = [&](int64_t c) { return values.data_ptr<float>()[(c / kk * N + n) * kk + c % kk]; };
+      const auto token = [&](int64_t c) { return tokens.data_ptr<int64_t>()[(c / kk * N + n) * kk + c % kk]; };
+      picks.clear();
+      for (int64_t c = 0; c < S * kk; ++c)
+        if (token(c) >= 0) picks.push_back(c);
+      TORCH_CHECK_VALUE(static_cast<int64_t>(picks.size()) >= k, "sled.combine: the shards hold ",
+                        picks.size(), " tokens for position ", n, ", fewer than k = ", k);
+      std::partial_sort(picks.begin(), picks.begin() + k, picks.end(), [&](int64_t a, int64_t b) {
+        return ranks_before(value(a), token(a), value(b), token(b));
+      });
+      const auto z_at = [&](int64_t i, int64_t l) {
+        const int64_t c = picks[i];
+        return premature.data_ptr<float>()[((c / kk * N + n) * kk + c % kk) * L + l];
+      };
 
       // SPEC steps 2-4.
       float total = 0.f;
       for (int64_t l = 0; l < L; ++l) {
-        const RowStats& s = stats[l * N + n];
         float sum = 0.f;
         for (int64_t i = 0; i < k; ++i) {
-          const float z = carried[i * L + l];
-          const float w = contrast_weight(s, z, z - final_k[i], picks[i].entry.token);
+          const float z = z_at(i, l);
+          const float w = contrast_weight(row_stats[l], z, z - value(picks[i]), token(picks[i]));
           weights[l * k + i] = w;
           sum += w;
         }
@@ -277,39 +333,53 @@ Candidates evolve_cpu(const Problem& p) {
         float d = 0.f;
         for (int64_t l = 0; l < L; ++l)
           d += layer_share(layer_sum[l], total) * normalized(weights[l * k + i], layer_sum[l]);
-        delta[i] = -d;
+        out.delta.data_ptr<float>()[n * k + i] = -d;
+        out.tokens.data_ptr<int64_t>()[n * k + i] = token(picks[i]);
+        out.values.data_ptr<float>()[n * k + i] = value(picks[i]);
       }
+      const RowStats& fin = row_stats[R - 1];
+      out.softmax.data_ptr<float>()[n * 2] = fin.max;
+      out.softmax.data_ptr<float>()[n * 2 + 1] = softmax_total(fin);
+    }
+  });
+  return out;
+}
 
+Candidates evolve_cpu(const Problem& p) {
+  const int64_t N = p.positions, V = p.vocab, k = p.k;
+  // T > 1 needs the whole final row for the later softmaxes (SPEC step 5).
+  const Partials parts = partials_cpu(p, 0, p.iterations > 1);
+  const Selection sel = combine_cpu(
+      {parts.stats.unsqueeze(0), parts.argmax.unsqueeze(0), parts.values.unsqueeze(0),
+       parts.tokens.unsqueeze(0), parts.premature.unsqueeze(0), at::Tensor()},
+      k);
+  at::Tensor values = sel.values.clone();
+  at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t n = n_begin; n < n_end; ++n) {
       // SPEC step 5. Iterations before the last move the whole final row; the last one only K.
-      const RowStats& fin = stats[(R - 1) * N + n];
-      float max = fin.max, softmax_sum = softmax_total(fin);
-      float* row = final_rows.defined() ? final_rows.data_ptr<float>() + n * V : nullptr;
+      float* x_k = values.data_ptr<float>() + n * k;
+      const int64_t* tokens = sel.tokens.data_ptr<int64_t>() + n * k;
+      const float* delta = sel.delta.data_ptr<float>() + n * k;
+      float max = sel.softmax.data_ptr<float>()[n * 2];
+      float softmax_sum = sel.softmax.data_ptr<float>()[n * 2 + 1];
+      float* row = p.iterations > 1 ? parts.final_rows.data_ptr<float>() + n * V : nullptr;
       for (int64_t t = 0; t < p.iterations; ++t) {
         if (t > 0) std::tie(max, softmax_sum) = softmax_stats(row, V);
         const float eta = step_size(p.rate, t, p.iterations);
-        for (int64_t i = 0; i < k; ++i) {
-          const float x = row ? row[picks[i].entry.token] : final_k[i];
-          final_k[i] = evolve_step(x, std::exp(x - max) / softmax_sum, delta[i], eta);
-        }
+        for (int64_t i = 0; i < k; ++i)
+          x_k[i] = evolve_step(x_k[i], std::exp(x_k[i] - max) / softmax_sum, delta[i], eta);
         if (t + 1 == p.iterations) break;
         const Vec m(max), sum(softmax_sum), step(eta);
         at::vec::map([=](Vec x) { return x - step * ((x - m).exp() / sum); }, row, row, V);
-        for (int64_t i = 0; i < k; ++i) row[picks[i].entry.token] = final_k[i];
-      }
-
-      float* out_values = values.data_ptr<float>() + n * k;
-      int64_t* out_tokens = tokens.data_ptr<int64_t>() + n * k;
-      for (int64_t i = 0; i < k; ++i) {
-        out_values[i] = final_k[i];
-        out_tokens[i] = picks[i].entry.token;
+        for (int64_t i = 0; i < k; ++i) row[tokens[i]] = x_k[i];
       }
       if (p.full.defined()) {
         float* full = p.full.data_ptr<float>() + n * V;
-        for (int64_t i = 0; i < k; ++i) full[out_tokens[i]] = final_k[i];
+        for (int64_t i = 0; i < k; ++i) full[tokens[i]] = x_k[i];
       }
     }
   });
-  return {values, tokens};
+  return {values, sel.tokens};
 }
 
 }  // namespace sled

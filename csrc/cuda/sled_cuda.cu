@@ -25,7 +25,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 64;            // tokens per tile
-constexpr int kMaxRows = 128;        // stacked rows (positions x R) projected together
+constexpr int kMaxRows = kCudaMaxRows;  // stacked rows (positions x R) projected together
 constexpr int kPositionsPerGroup = 32;
 constexpr int kTileLd = kTile + 4;   // float row stride of the logits tile (WMMA wants a multiple of 4)
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -39,6 +39,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() {
   return __float2bfloat16(0.f);
 }
 
+// What the finishing block does after merging the slices: the whole op (one launch), a shard's
+// phase 1 (sled.partials: merged statistics and the shard's top-k), or phase 2 over the shards'
+// partials (sled.combine: steps 1-4, the slices being shards).
+enum class Mode { kEvolve, kPartials, kCombine };
+
 struct Params {
   const void* rows;    // hidden [R, N, H] or logits [R, N, V], contiguous
   const void* weight;  // [V, H], unit stride along H, or null for the logits form
@@ -48,6 +53,9 @@ struct Params {
   double rate;
   float scale, softcap;
   int64_t tokens_per_block, cap;  // cap: candidates kept per (vocab block, position)
+  int64_t slices;       // what the finisher merges: the vocab blocks of this launch, or shards
+  int64_t token_offset; // global id of this vocab's first token (a shard's vocab_offset)
+  int64_t select;       // candidates to select per position: k, or min(k, V) for a shard
   // Workspace written by every block ([vocab block][position] ...).
   RowStats* stats;            // [blocks][N * R], position-major: n * R + r
   float* cand_value;          // [blocks][N][cap]  final logit
@@ -64,9 +72,14 @@ struct Params {
   float* delta;               // [groups][k]
   float* evolved;             // [groups][k]
   // Outputs.
-  float* out_values;          // [N][k]
+  float* out_values;          // [N][k]: evolved values; final logits (partials, combine)
   int64_t* out_tokens;        // [N][k]
   float* full;                // [N][V] or null
+  float* out_stats;           // partials: [N][R][6] RowStats without argmax
+  int64_t* out_argmax;        // partials: [N][R]
+  float* out_premature;       // partials: [N][k][L]
+  float* out_delta;           // combine: [N][k]
+  float* out_softmax;         // combine: [N][2]
 };
 
 // Rank key of a candidate: larger ranks first; ties in value go to the lower token. Never 0.
@@ -294,7 +307,7 @@ __device__ void offer_tile(const Params& p, const SharedTile& s, int64_t block_p
   for (int t0 = 0; t0 < cols; t0 += 32) {
     const int t = t0 + lane;
     const float v = t < cols ? s.logits[final_row][t] : 0.f;
-    const int32_t tok = static_cast<int32_t>(v0 + t);
+    const int32_t tok = static_cast<int32_t>(p.token_offset + v0 + t);
     const bool wanted = t < cols && (count < p.cap || rank_key(v, tok) > worst.key);
     unsigned pending = __ballot_sync(kFullMask, wanted);
     while (pending) {
@@ -343,16 +356,25 @@ struct FinishShared {
   float total;
 };
 
+template <Mode mode>
 __device__ void finish_position(const Params& p, FinishShared& f, int64_t group, int64_t n) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t blocks = gridDim.x, slots = blocks * p.cap, k = p.k, L = p.L;
+  const int64_t blocks = p.slices, slots = blocks * p.cap, L = p.L;
 
   // Row statistics of the whole vocab.
   for (int64_t r = warp; r < p.R; r += kWarps) {
     RowStats s = empty_stats<ScalarLanes>();
-    for (int64_t b = lane; b < blocks; b += 32) s = merge(s, load_stats(&p.stats[(b * p.N + n) * p.R + r]));
+    for (int64_t b = lane; b < blocks; b += 32)
+      s = merge(s, load_stats(&p.stats[(b * p.N + n) * p.R + r]));
     s = warp_merge(s);
-    if (lane == 0) f.stats[r] = s;
+    if (lane == 0) {
+      f.stats[r] = s;
+      if constexpr (mode == Mode::kPartials) {
+        const float fields[6] = {s.max, s.d_at_max, s.rest_sum, s.rest_sq, s.rest_dot, s.d_sq};
+        for (int i = 0; i < 6; ++i) p.out_stats[(n * p.R + r) * 6 + i] = fields[i];
+        p.out_argmax[n * p.R + r] = s.argmax;
+      }
+    }
   }
 
   // SPEC step 1: the top-k is inside the union of the blocks' lists. A full block's worst entry
@@ -388,6 +410,9 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
   }
   __syncthreads();
 
+  // Shards holding fewer than k tokens in all (sled.combine misused) select what there is; the
+  // rest of the outputs say so (token -1, NaN) rather than read past the survivors.
+  const int64_t k = std::min<int64_t>(p.select, survivors);
   if (threadIdx.x == 0) {
     f.prefix = 0;
     f.mask = 0;
@@ -412,7 +437,7 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     __syncthreads();
   }
   const uint64_t kth = f.prefix;  // keys are distinct: exactly k survivors have key >= kth
-  int32_t* pick = p.pick_src + group * k;
+  int32_t* pick = p.pick_src + group * p.k;
   int picked = 0;
   for (int base = 0; base < survivors; base += kThreads) {
     const int i = base + threadIdx.x;
@@ -423,6 +448,19 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     picked += added;
   }
   __syncthreads();
+
+  if constexpr (mode == Mode::kPartials) {  // the shard's top-k, padded to k with token -1
+    for (int64_t i = threadIdx.x; i < p.k; i += kThreads) {
+      const bool real = i < k;
+      const int64_t c = real ? pick[i] : 0;
+      p.out_values[n * p.k + i] = real ? __ldcg(&p.cand_value[c]) : 0.f;
+      p.out_tokens[n * p.k + i] = real ? __ldcg(&p.cand_token[c]) : -1;
+      for (int64_t l = 0; l < L; ++l)
+        p.out_premature[(n * p.k + i) * L + l] = real ? __ldcg(&p.cand_carried[c * L + l]) : 0.f;
+    }
+    __syncthreads();
+    return;
+  }
 
   // SPEC steps 2-4. Weights are recomputed where needed rather than stored ([L, k] can be large).
   const auto weight_of = [&](int64_t l, int64_t i) {
@@ -443,7 +481,7 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     f.total = total;
   }
   __syncthreads();
-  float* delta = p.delta + group * k;
+  float* delta = p.delta + group * p.k;
   for (int64_t i = threadIdx.x; i < k; i += kThreads) {
     float d = 0.f;
     for (int64_t l = 0; l < L; ++l)
@@ -452,11 +490,28 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
   }
   __syncthreads();
 
-  // SPEC step 5. Iterations before the last move the whole final row; the last one only K.
   const RowStats& fin = f.stats[p.R - 1];
+  if constexpr (mode == Mode::kCombine) {
+    const int64_t width = p.select;
+    for (int64_t i = threadIdx.x; i < width; i += kThreads) {
+      const bool real = i < k;
+      const int64_t c = real ? pick[i] : 0;
+      p.out_tokens[n * width + i] = real ? __ldcg(&p.cand_token[c]) : -1;
+      p.out_values[n * width + i] = real ? __ldcg(&p.cand_value[c]) : NAN;
+      p.out_delta[n * width + i] = real ? delta[i] : NAN;
+    }
+    if (threadIdx.x == 0) {
+      p.out_softmax[n * 2] = fin.max;
+      p.out_softmax[n * 2 + 1] = softmax_total(fin);
+    }
+    __syncthreads();
+    return;
+  }
+
+  // SPEC step 5. Iterations before the last move the whole final row; the last one only K.
   float max = fin.max, total = softmax_total(fin);
   float* row = p.final_rows ? p.final_rows + n * p.V : nullptr;
-  float* evolved = p.evolved + group * k;
+  float* evolved = p.evolved + group * p.k;
   for (int64_t t = 0; t < p.iterations; ++t) {
     if (t > 0) {
       float m = -INFINITY;
@@ -496,7 +551,7 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
 
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, bool kProjects>
+template <typename T, bool kProjects, Mode mode>
 __global__ void __launch_bounds__(kThreads) sled_kernel(Params p) {
   __shared__ __align__(128) SharedTile tile;
   __shared__ int64_t row_index[kMaxRows];
@@ -530,7 +585,7 @@ __global__ void __launch_bounds__(kThreads) sled_kernel(Params p) {
         RowStats s = empty_stats<ScalarLanes>();
         for (int t = lane; t < cols; t += 32) {
           const float z = tile.logits[j][t];
-          push(s, z, z - tile.logits[final_row][t], static_cast<int32_t>(v0 + t));
+          push(s, z, z - tile.logits[final_row][t], static_cast<int32_t>(p.token_offset + v0 + t));
         }
         s = warp_merge(s);
         if (lane == 0) {
@@ -568,15 +623,23 @@ __global__ void __launch_bounds__(kThreads) sled_kernel(Params p) {
   __syncthreads();
   if (!last) return;
   __shared__ FinishShared finish;
-  for (int64_t n = first; n < first + positions; ++n) finish_position(p, finish, group, n);
+  for (int64_t n = first; n < first + positions; ++n) finish_position<mode>(p, finish, group, n);
 }
 
-template <typename T>
+// Phase 2 alone: the slices are the shards whose partials the host laid out as blocks' workspace.
+__global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
+  __shared__ FinishShared finish;
+  const int64_t group = blockIdx.x, first = group * kPositionsPerGroup;
+  const int64_t last = std::min<int64_t>(p.N, first + kPositionsPerGroup);
+  for (int64_t n = first; n < last; ++n) finish_position<Mode::kCombine>(p, finish, group, n);
+}
+
+template <typename T, Mode mode>
 void launch(const Params& p, dim3 grid, cudaStream_t stream, bool projects) {
   if (projects)
-    sled_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+    sled_kernel<T, true, mode><<<grid, kThreads, 0, stream>>>(p);
   else
-    sled_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+    sled_kernel<T, false, mode><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -588,89 +651,184 @@ T* carve(at::Tensor& arena, int64_t& offset, int64_t count) {
   return ptr;
 }
 
+// The finisher's workspace for `groups` position groups over `slices` slices of `cap` candidates.
+// `tensors` keeps the allocations alive until the launch is queued.
+void carve_finisher(Params& p, int64_t groups, std::vector<at::Tensor>& tensors,
+                    const at::TensorOptions& options) {
+  const int64_t slots = p.slices * p.cap;
+  at::Tensor arena =
+      at::empty({16 * 8 + groups * (slots * 12 + p.k * 12)}, options.dtype(at::kByte));
+  int64_t offset = 0;
+  p.survivor_key = carve<uint64_t>(arena, offset, groups * slots);
+  p.survivor_src = carve<int32_t>(arena, offset, groups * slots);
+  p.pick_src = carve<int32_t>(arena, offset, groups * p.k);
+  p.delta = carve<float>(arena, offset, groups * p.k);
+  p.evolved = carve<float>(arena, offset, groups * p.k);
+  TORCH_INTERNAL_ASSERT(offset <= arena.numel());
+  tensors.push_back(arena);
+}
+
+// One launch of the fused kernel over `problem`'s vocab (the whole one, or a shard from
+// `token_offset` on) with its workspace; the caller sets the mode's outputs, then calls run().
+struct FusedLaunch {
+  Params p{};
+  dim3 grid;
+  at::Tensor rows, weight, bias;
+  std::vector<at::Tensor> keep;
+  at::TensorOptions options;
+
+  FusedLaunch(const Problem& problem, int64_t token_offset, bool keep_final) {
+    TORCH_INTERNAL_ASSERT(problem.num_rows <= kMaxRows);
+    rows = problem.rows.contiguous();
+    options = rows.options();
+    p.rows = rows.data_ptr();
+    p.R = problem.num_rows;
+    p.N = problem.positions;
+    p.V = problem.vocab;
+    p.k = problem.k;
+    p.L = p.R - 1;
+    p.iterations = problem.iterations;
+    p.rate = problem.rate;
+    p.scale = static_cast<float>(problem.logit_scale);
+    p.softcap = static_cast<float>(problem.softcap);
+    p.token_offset = token_offset;
+    p.select = std::min(p.k, p.V);
+    if (problem.projects()) {
+      weight = problem.weight.stride(1) == 1 ? problem.weight : problem.weight.contiguous();
+      p.weight = weight.data_ptr();
+      p.weight_stride = weight.stride(0);
+      p.H = weight.size(1);
+      if (problem.bias.defined()) {
+        bias = problem.bias.contiguous();
+        p.bias = bias.data_ptr();
+      }
+    }
+
+    // Enough vocab blocks to fill the GPU about twice over; big batches add position groups.
+    const int64_t groups = (p.N + kPositionsPerGroup - 1) / kPositionsPerGroup;
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                          problem.rows.device().index()));
+    const int64_t tiles = std::max<int64_t>(1, (p.V + kTile - 1) / kTile);
+    int64_t blocks = std::clamp<int64_t>((2 * int64_t{sms} + groups - 1) / groups, 1, tiles);
+    p.tokens_per_block = (tiles + blocks - 1) / blocks * kTile;
+    blocks = std::max<int64_t>(1, (p.V + p.tokens_per_block - 1) / p.tokens_per_block);
+    p.slices = blocks;
+    p.cap = std::min(p.k, p.tokens_per_block);
+    const int64_t candidates = blocks * p.N * p.cap;
+    TORCH_CHECK_VALUE(groups <= 65535 && candidates < std::numeric_limits<int32_t>::max(),
+                      "sled on CUDA: too many positions x candidates (N = ", p.N, ", k = ", p.k,
+                      ") for one call; split the batch");
+
+    at::Tensor arena = at::empty({16 * 8 + blocks * p.N * p.R * int64_t{sizeof(RowStats)} +
+                                      candidates * (8 + 4 * p.L) + blocks * p.N * 12},
+                                 options.dtype(at::kByte));
+    int64_t offset = 0;
+    p.stats = carve<RowStats>(arena, offset, blocks * p.N * p.R);
+    p.cand_value = carve<float>(arena, offset, candidates);
+    p.cand_token = carve<int32_t>(arena, offset, candidates);
+    p.cand_carried = carve<float>(arena, offset, candidates * p.L);
+    p.cand_count = carve<int32_t>(arena, offset, blocks * p.N);
+    p.block_worst = carve<uint64_t>(arena, offset, blocks * p.N);
+    TORCH_INTERNAL_ASSERT(offset <= arena.numel());
+    keep.push_back(arena);
+    carve_finisher(p, groups, keep, options);
+    at::Tensor done = at::zeros({groups}, options.dtype(at::kInt));
+    p.done = reinterpret_cast<unsigned int*>(done.data_ptr<int>());
+    keep.push_back(done);
+    if (keep_final) {
+      at::Tensor final_rows = at::empty({p.N, p.V}, options.dtype(at::kFloat));
+      p.final_rows = final_rows.data_ptr<float>();
+      keep.push_back(final_rows);
+    }
+    grid = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(groups));
+  }
+
+  template <Mode mode>
+  void run(bool projects) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    switch (rows.scalar_type()) {
+      case at::kFloat: launch<float, mode>(p, grid, stream, projects); break;
+      case at::kHalf: launch<__half, mode>(p, grid, stream, projects); break;
+      case at::kBFloat16: launch<__nv_bfloat16, mode>(p, grid, stream, projects); break;
+      default: TORCH_CHECK(false, "sled on CUDA: unexpected dtype ", rows.scalar_type());
+    }
+  }
+};
+
 }  // namespace
 
 Candidates evolve_cuda(const Problem& problem) {
   const c10::cuda::CUDAGuard guard(problem.rows.device());
-  TORCH_CHECK_VALUE(problem.num_rows <= kMaxRows, "sled on CUDA takes at most ", kMaxRows,
-                    " stacked rows (R) per position, got ", problem.num_rows);
-  Params p{};
-  const at::Tensor rows = problem.rows.contiguous();
-  at::Tensor weight, bias;
-  p.rows = rows.data_ptr();
-  p.R = problem.num_rows;
-  p.N = problem.positions;
-  p.V = problem.vocab;
-  p.k = problem.k;
-  p.L = p.R - 1;
-  p.iterations = problem.iterations;
-  p.rate = problem.rate;
-  p.scale = static_cast<float>(problem.logit_scale);
-  p.softcap = static_cast<float>(problem.softcap);
-  if (problem.projects()) {
-    weight = problem.weight.stride(1) == 1 ? problem.weight : problem.weight.contiguous();
-    p.weight = weight.data_ptr();
-    p.weight_stride = weight.stride(0);
-    p.H = weight.size(1);
-    if (problem.bias.defined()) {
-      bias = problem.bias.contiguous();
-      p.bias = bias.data_ptr();
-    }
-  }
-
-  // Enough vocab blocks to fill the GPU about twice over; big batches add position groups.
-  const int64_t groups = (p.N + kPositionsPerGroup - 1) / kPositionsPerGroup;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        problem.rows.device().index()));
-  const int64_t tiles = (p.V + kTile - 1) / kTile;
-  int64_t blocks = std::clamp<int64_t>((2 * int64_t{sms} + groups - 1) / groups, 1, tiles);
-  p.tokens_per_block = (tiles + blocks - 1) / blocks * kTile;
-  blocks = (p.V + p.tokens_per_block - 1) / p.tokens_per_block;
-  p.cap = std::min(p.k, p.tokens_per_block);
-
-  const int64_t candidates = blocks * p.N * p.cap;
-  TORCH_CHECK_VALUE(groups <= 65535 && candidates < std::numeric_limits<int32_t>::max(),
-                    "sled on CUDA: too many positions (N = ", p.N, ") for one call; split the batch");
-  const int64_t bytes = 16 * 16 + blocks * p.N * p.R * sizeof(RowStats) +
-                        candidates * (8 + 4 * p.L) + blocks * p.N * 12 +
-                        groups * blocks * p.cap * 12 + groups * p.k * 12;
-  const auto options = rows.options();
-  at::Tensor arena = at::empty({bytes}, options.dtype(at::kByte));
-  int64_t offset = 0;
-  p.stats = carve<RowStats>(arena, offset, blocks * p.N * p.R);
-  p.cand_value = carve<float>(arena, offset, candidates);
-  p.cand_token = carve<int32_t>(arena, offset, candidates);
-  p.cand_carried = carve<float>(arena, offset, candidates * p.L);
-  p.cand_count = carve<int32_t>(arena, offset, blocks * p.N);
-  p.block_worst = carve<uint64_t>(arena, offset, blocks * p.N);
-  p.survivor_key = carve<uint64_t>(arena, offset, groups * blocks * p.cap);
-  p.survivor_src = carve<int32_t>(arena, offset, groups * blocks * p.cap);
-  p.pick_src = carve<int32_t>(arena, offset, groups * p.k);
-  p.delta = carve<float>(arena, offset, groups * p.k);
-  p.evolved = carve<float>(arena, offset, groups * p.k);
-  TORCH_INTERNAL_ASSERT(offset <= bytes);
-  at::Tensor done = at::zeros({groups}, options.dtype(at::kInt));
-  p.done = reinterpret_cast<unsigned int*>(done.data_ptr<int>());
-  at::Tensor final_rows =
-      p.iterations > 1 ? at::empty({p.N, p.V}, options.dtype(at::kFloat)) : at::Tensor();
-  p.final_rows = final_rows.defined() ? final_rows.data_ptr<float>() : nullptr;
-
-  at::Tensor values = at::empty({p.N, p.k}, options.dtype(at::kFloat));
-  at::Tensor tokens = at::empty({p.N, p.k}, options.dtype(at::kLong));
-  p.out_values = values.data_ptr<float>();
-  p.out_tokens = tokens.data_ptr<int64_t>();
-  p.full = problem.full.defined() ? problem.full.data_ptr<float>() : nullptr;
-
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(groups));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (rows.scalar_type()) {
-    case at::kFloat: launch<float>(p, grid, stream, problem.projects()); break;
-    case at::kHalf: launch<__half>(p, grid, stream, problem.projects()); break;
-    case at::kBFloat16: launch<__nv_bfloat16>(p, grid, stream, problem.projects()); break;
-    default: TORCH_CHECK(false, "sled on CUDA: unexpected dtype ", rows.scalar_type());
-  }
+  FusedLaunch l(problem, /*token_offset=*/0, /*keep_final=*/problem.iterations > 1);
+  at::Tensor values = at::empty({l.p.N, l.p.k}, l.options.dtype(at::kFloat));
+  at::Tensor tokens = at::empty({l.p.N, l.p.k}, l.options.dtype(at::kLong));
+  l.p.out_values = values.data_ptr<float>();
+  l.p.out_tokens = tokens.data_ptr<int64_t>();
+  l.p.full = problem.full.defined() ? problem.full.data_ptr<float>() : nullptr;
+  l.run<Mode::kEvolve>(problem.projects());
   return {values, tokens};
+}
+
+Partials partials_cuda(const Problem& problem, int64_t vocab_offset, bool keep_final) {
+  const c10::cuda::CUDAGuard guard(problem.rows.device());
+  FusedLaunch l(problem, vocab_offset, keep_final);
+  const int64_t N = l.p.N, R = l.p.R, k = l.p.k;
+  const auto f32 = l.options.dtype(at::kFloat), i64 = l.options.dtype(at::kLong);
+  Partials out{at::empty({N, R, 6}, f32), at::empty({N, R}, i64), at::empty({N, k}, f32),
+               at::empty({N, k}, i64), at::empty({N, k, l.p.L}, f32),
+               keep_final ? l.keep.back() : at::empty({N, 0}, f32)};
+  l.p.out_stats = out.stats.data_ptr<float>();
+  l.p.out_argmax = out.argmax.data_ptr<int64_t>();
+  l.p.out_values = out.values.data_ptr<float>();
+  l.p.out_tokens = out.tokens.data_ptr<int64_t>();
+  l.p.out_premature = out.premature.data_ptr<float>();
+  l.run<Mode::kPartials>(problem.projects());
+  return out;
+}
+
+Selection combine_cuda(const Partials& in, int64_t k) {
+  const c10::cuda::CUDAGuard guard(in.stats.device());
+  const int64_t S = in.stats.size(0), N = in.stats.size(1), R = in.stats.size(2);
+  TORCH_INTERNAL_ASSERT(R <= kMaxRows);
+  const auto options = in.stats.options();
+  // Lay the shards' partials out as the fused kernel's per-block workspace: RowStats records
+  // (argmax as int32 bits in the second field), int32 tokens, valid-candidate counts.
+  const at::Tensor argmax_bits = in.argmax.to(at::kInt).view(at::kFloat).unsqueeze(-1);
+  const at::Tensor stats = at::cat({in.stats.narrow(3, 0, 1), argmax_bits,
+                                    in.stats.narrow(3, 1, 5)}, 3).contiguous();
+  const at::Tensor values = in.values.contiguous(), premature = in.premature.contiguous();
+  const at::Tensor tokens = in.tokens.to(at::kInt).contiguous();
+  const at::Tensor counts = (in.tokens >= 0).sum(-1).to(at::kInt).contiguous();
+  const at::Tensor no_bound = at::zeros({S, N}, options.dtype(at::kLong));
+
+  Params p{};
+  p.R = R;
+  p.N = N;
+  p.k = k;
+  p.L = R - 1;
+  p.select = k;
+  p.slices = S;
+  p.cap = in.values.size(2);
+  p.stats = reinterpret_cast<RowStats*>(stats.data_ptr<float>());
+  p.cand_value = values.data_ptr<float>();
+  p.cand_token = tokens.data_ptr<int32_t>();
+  p.cand_carried = premature.data_ptr<float>();
+  p.cand_count = counts.data_ptr<int32_t>();
+  p.block_worst = reinterpret_cast<uint64_t*>(no_bound.data_ptr<int64_t>());
+  const int64_t groups = (N + kPositionsPerGroup - 1) / kPositionsPerGroup;
+  std::vector<at::Tensor> keep;
+  carve_finisher(p, groups, keep, options);
+  Selection out{at::empty({N, k}, options.dtype(at::kLong)), at::empty({N, k}, options),
+                at::empty({N, k}, options), at::empty({N, 2}, options)};
+  p.out_tokens = out.tokens.data_ptr<int64_t>();
+  p.out_values = out.values.data_ptr<float>();
+  p.out_delta = out.delta.data_ptr<float>();
+  p.out_softmax = out.softmax.data_ptr<float>();
+  combine_kernel<<<static_cast<unsigned>(groups), kThreads, 0,
+                   c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace sled
