@@ -152,3 +152,27 @@ def test_dola_contrast_follows_the_published_definition():
         threshold = log_final.max() + math.log(0.1)
         assert torch.equal(keep[n], log_final >= threshold)
         torch.testing.assert_close(contrast[n][keep[n]], (log_final - log_base)[keep[n]])
+
+
+@pytest.mark.parametrize("method", ["sled", "dola"])
+def test_a_step_compiles_with_fullgraph(method):
+    """The scoring and picking of a decode step has no host synchronisation: it compiles whole."""
+    from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    from sled_ext.decoding import Method, StepScorer
+    from sled_ext.models import adapt
+
+    model = tiny_model("llama")
+    scorer = StepScorer(adapt(model), Method(method))
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.05)])
+    rows = torch.randn(4, 2, 64)
+    ids = prompt(6, batch=2)
+
+    def step(rows, ids, done):
+        token = processors(ids, scorer.scores(rows)).argmax(-1)
+        return token.masked_fill(done, 0)
+
+    done = torch.tensor([False, True])
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(rows, ids, done), step(rows, ids, done))

@@ -15,7 +15,7 @@ from transformers.generation import (EosTokenCriteria, LogitsProcessorList,
                                      StopStringCriteria, TemperatureLogitsWarper,
                                      TopPLogitsWarper)
 
-from . import ops
+from . import distributed, ops
 from .models import Adapter, adapt, candidate_layers
 
 METHODS = ("sled", "dola", "greedy")
@@ -49,23 +49,38 @@ class StepScorer:
                        else candidate_layers(method.layers, adapter.num_layers))
 
     def rows(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """``[R, P, H]``: premature rows then the final row, on the vocab head's device."""
-        device = self.adapter.weight.device
+        """``[R, P, H]``: premature rows then the final row, on the vocab head's device (moved
+        there once per step when the model spans devices)."""
         premature = self.adapter.premature_rows(self.layers, self.method.premature_norm)
-        return torch.cat([premature.to(device), final_hidden.to(device)[None]])
+        return torch.cat([premature, final_hidden.to(premature.device)[None]])
 
     def __call__(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        if self.method.name == "greedy":
+            return self.adapter.head(final_hidden)
+        return self.scores(self.rows(final_hidden))
+
+    def scores(self, rows: torch.Tensor) -> torch.Tensor:
+        """SLED or DoLa scores from the stacked rows. No host synchronisation and no
+        data-dependent Python: a step compiles with ``fullgraph=True`` or captures in a CUDA
+        graph."""
         m, a = self.method, self.adapter
-        if m.name == "greedy":
-            return a.head(final_hidden)
         if m.name == "sled":
-            return ops.evolve(self.rows(final_hidden), a.weight, a.bias,
-                              evolution_scale=m.evolution_scale, evolution_rate=m.evolution_rate,
-                              evolution_lower_bound=m.evolution_lower_bound,
-                              iterations=m.iterations, logit_scale=a.logit_scale,
-                              softcap=a.softcap)
-        contrast, keep = dola_contrast(a.head(self.rows(final_hidden)), m.relative_top)
+            values, tokens = self.topk(rows)
+            full = values.new_full((values.shape[0], a.vocab), m.evolution_lower_bound)
+            return full.scatter_(1, tokens, values)
+        contrast, keep = dola_contrast(a.head(rows), m.relative_top)
         return contrast.masked_fill(~keep, float("-inf"))
+
+    def topk(self, rows: torch.Tensor):
+        """SLED's evolved candidates ``(values, tokens)`` ``[P, k]``; over the ranks of a
+        vocab-split head when the model is tensor-parallel."""
+        m, a = self.method, self.adapter
+        kwargs = dict(evolution_scale=m.evolution_scale, evolution_rate=m.evolution_rate,
+                      iterations=m.iterations, logit_scale=a.logit_scale, softcap=a.softcap)
+        if a.vocab_shard is None:
+            return ops.evolve_topk(rows, a.weight, a.bias, **kwargs)
+        return distributed.evolve_topk(rows, a.weight, a.bias, vocab_offset=a.vocab_shard.offset,
+                                       group=a.vocab_shard.group, vocab_size=a.vocab, **kwargs)
 
 
 def dola_contrast(logits: torch.Tensor, relative_top: float = 0.1):

@@ -58,14 +58,43 @@ def candidate_layers(spec, num_layers: int) -> list[int]:
     return layers
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of a head split along the vocab (tensor parallelism)."""
+    group: object                # the torch.distributed group of the split
+    offset: int                  # the slice's first token
+
+
+def _vocab_shard(weight) -> VocabShard | None:
+    """The vocab slice of a DTensor head (``tp_plan="auto"``), None for a plain tensor."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:
+        return None
+    if not isinstance(weight, DTensor):
+        return None
+    if weight.device_mesh.ndim != 1 or weight.placements != (Shard(0),):
+        raise UnsupportedModel(f"the vocab head is split as {weight.placements} over a "
+                               f"{weight.device_mesh.ndim}-D mesh; SLED supports one vocab split "
+                               "(Shard(0))")
+    import torch.distributed as dist
+    group = weight.device_mesh.get_group()
+    sizes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, weight.to_local().shape[0], group=group)
+    return VocabShard(group, sum(sizes[:dist.get_rank(group)]))
+
+
 @dataclass
 class Adapter:
     model: nn.Module
     decoder: nn.Module           # the base model: input ids -> normed last hidden state
     blocks: nn.ModuleList
     final_norm: nn.Module | None
-    weight: torch.Tensor         # [V, H]
+    head_module: nn.Module       # the model's vocab head (with any tensor-parallel gathering)
+    weight: torch.Tensor         # [V, H], or this rank's [V_r, H] under a vocab split
     bias: torch.Tensor | None
+    vocab: int                   # V, the whole vocabulary
+    vocab_shard: VocabShard | None
     logit_scale: float
     softcap: float
     cache_kwarg: str             # "cache" (transformers >= 5.2x) or "past_key_values"
@@ -104,15 +133,17 @@ class Adapter:
                 hook.remove()
 
     def premature_rows(self, layers: list[int], premature_norm: bool = False) -> torch.Tensor:
-        """``[L, P, H]`` from the last captured forward, in the order of ``layers``."""
+        """``[L, P, H]`` from the last captured forward, in the order of ``layers``, on the vocab
+        head's device (layers may sit on other devices under ``device_map``)."""
         missing = [layer for layer in layers if layer not in self._captured]
         if missing:
             raise RuntimeError(f"no hidden states captured for layers {missing}")
-        rows = torch.stack([self._captured[layer] for layer in layers])
+        device = self.weight.device
+        rows = torch.stack([self._captured[layer].to(device) for layer in layers])
         if premature_norm:
             if self.final_norm is None:
                 raise UnsupportedModel("premature_norm=True but the model has no final norm")
-            rows = self.final_norm(rows)
+            rows = self.final_norm(rows).to(device)
         return rows
 
     def forward(self, input_ids, attention_mask, position_ids, cache=None):
@@ -125,7 +156,7 @@ class Adapter:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own logits for final hidden states (float32), post-processing included."""
-        logits = nn.functional.linear(hidden.to(self.weight.device), self.weight, self.bias).float()
+        logits = self.head_module(hidden.to(self.weight.device)).float()
         logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -148,6 +179,11 @@ def adapt(model: nn.Module) -> Adapter:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise UnsupportedModel(f"{name}: the vocab head is {type(head).__name__}, not nn.Linear")
+    shard = _vocab_shard(head.weight)
+    weight, bias = head.weight, head.bias
+    if shard is not None:
+        weight = weight.to_local()
+        bias = None if bias is None else bias.to_local()
     config = getattr(model.config, "get_text_config", lambda: model.config)()
     scale = float(getattr(config, "logit_scale", None) or 1.0)
     if getattr(config, "logits_scaling", None):  # Granite divides
@@ -155,7 +191,8 @@ def adapt(model: nn.Module) -> Adapter:
     params = inspect.signature(decoder.forward).parameters
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
     return Adapter(model=model, decoder=decoder, blocks=blocks,
-                   final_norm=_first_attr(decoder, _FINAL_NORMS), weight=head.weight,
-                   bias=head.bias, logit_scale=scale,
+                   final_norm=_first_attr(decoder, _FINAL_NORMS), head_module=head,
+                   weight=weight, bias=bias, vocab=head.out_features, vocab_shard=shard,
+                   logit_scale=scale,
                    softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
                    cache_kwarg=cache_kwarg)

@@ -11,7 +11,6 @@ import math
 
 import torch
 
-from . import ops
 from .decoding import Method, StepScorer, dola_contrast
 from .models import adapt
 
@@ -27,17 +26,15 @@ def tokenize_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int],
 
 
 def _sled_target_scores(scorer, rows, targets, post_softmax):
-    m, a = scorer.method, scorer.adapter
-    values, indices = ops.evolve_topk(rows, a.weight, a.bias, evolution_scale=m.evolution_scale,
-                                      evolution_rate=m.evolution_rate, iterations=m.iterations,
-                                      logit_scale=a.logit_scale, softcap=a.softcap)
+    m = scorer.method
+    values, indices = scorer.topk(rows)
     hit = indices == targets[:, None]
     lower = m.evolution_lower_bound
     chosen = torch.where(hit.any(-1), (values * hit).sum(-1), torch.full_like(values[:, 0], lower))
     if not post_softmax:
         return chosen
     # log-softmax over the whole evolved vector: k values plus V - k copies of the lower bound.
-    outside = a.weight.shape[0] - m.evolution_scale
+    outside = scorer.adapter.vocab - m.evolution_scale
     parts = [values]
     if outside:
         parts.append(torch.full_like(values[:, :1], lower + math.log(outside)))
