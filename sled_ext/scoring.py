@@ -25,37 +25,44 @@ def tokenize_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int],
     return full, start
 
 
-def _sled_target_scores(scorer, rows, targets, post_softmax):
-    m = scorer.method
-    values, indices = scorer.topk(rows)
-    hit = indices == targets[:, None]
-    lower = m.evolution_lower_bound
-    chosen = torch.where(hit.any(-1), (values * hit).sum(-1), torch.full_like(values[:, 0], lower))
+def sled_target_values(values, tokens, targets, lower_bound, vocab, post_softmax):
+    """The evolved value of each position's target token (``lower_bound`` outside the top-k);
+    with ``post_softmax`` its log-softmax over the whole evolved vector (k values plus V - k
+    copies of the lower bound)."""
+    hit = tokens == targets[:, None]
+    chosen = torch.where(hit.any(-1), (values * hit).sum(-1),
+                         torch.full_like(values[:, 0], lower_bound))
     if not post_softmax:
         return chosen
-    # log-softmax over the whole evolved vector: k values plus V - k copies of the lower bound.
-    outside = scorer.adapter.vocab - m.evolution_scale
+    outside = vocab - values.shape[1]
     parts = [values]
     if outside:
-        parts.append(torch.full_like(values[:, :1], lower + math.log(outside)))
+        parts.append(torch.full_like(values[:, :1], lower_bound + math.log(outside)))
     return chosen - torch.logsumexp(torch.cat(parts, -1), -1)
 
 
+def head_target_values(logits, targets, post_softmax, keep=None, relative_top_value=-1000.0):
+    """Each position's value ``[P]`` for its target token from ``[P, V]`` scores: raw, or
+    log-softmax with ``post_softmax``; tokens outside ``keep`` (DoLa's relative-top filter) get
+    ``relative_top_value`` after the normalisation, as the published ``lm_score``."""
+    if post_softmax:
+        logits = logits.log_softmax(-1)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, relative_top_value)
+    return logits.gather(-1, targets[:, None].to(logits.device))[:, 0]
+
+
 def _target_scores(scorer: StepScorer, final_hidden, targets, post_softmax, relative_top_value):
-    name = scorer.method.name
+    name, adapter = scorer.method.name, scorer.adapter
     if name == "sled":
-        return _sled_target_scores(scorer, scorer.rows(final_hidden), targets, post_softmax)
+        values, tokens = scorer.topk(scorer.rows(final_hidden))
+        return sled_target_values(values, tokens, targets, scorer.method.evolution_lower_bound,
+                                  adapter.vocab, post_softmax)
     if name == "greedy":
-        scores = scorer.adapter.head(final_hidden)
-        if post_softmax:
-            scores = scores.log_softmax(-1)
-    else:  # DoLa as the published lm_score: normalised before the filter, which sets a value
-        scores, keep = dola_contrast(scorer.adapter.head(scorer.rows(final_hidden)),
-                                     scorer.method.relative_top)
-        if post_softmax:
-            scores = scores.log_softmax(-1)
-        scores = scores.masked_fill(~keep, relative_top_value)
-    return scores.gather(-1, targets[:, None].to(scores.device))[:, 0]
+        return head_target_values(adapter.head(final_hidden), targets, post_softmax)
+    contrast, keep = dola_contrast(adapter.head(scorer.rows(final_hidden)),
+                                   scorer.method.relative_top)
+    return head_target_values(contrast, targets, post_softmax, keep, relative_top_value)
 
 
 @torch.inference_mode()

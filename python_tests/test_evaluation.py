@@ -1,0 +1,165 @@
+"""The evaluation harness: metrics on hand-made items, the data loaders, the shared-forward scorer
+against the one-method scoring path, resumable logs, and a real-model slice end to end."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import sled_ext
+from sled_ext import evaluation, tasks
+from sled_ext.evaluation import CONTROL, ChoiceScorer, SledSetting
+from test_scoring import CharTokenizer
+from tiny_models import tiny_model
+
+
+def test_truthfulqa_metrics_on_a_hand_made_item():
+    m = tasks.truthfulqa_metrics([-1.0, -2.0], [-3.0, -1.5], best=0)
+    assert m["MC1"] == 1.0 and m["MC3"] == 0.5
+    mass = math.exp(-1) + math.exp(-2)
+    assert m["MC2"] == pytest.approx(mass / (mass + math.exp(-3) + math.exp(-1.5)))
+    assert tasks.truthfulqa_metrics([-2.0, -1.0], [-1.5], best=0)["MC1"] == 0.0
+
+
+def test_mc2_survives_raw_logit_sums_that_overflow_exp():
+    # exp(3000) overflows and exp(-3000) underflows: the published formula gives NaN or 0 / 0.
+    for shift in (3000.0, -3000.0):
+        m = tasks.truthfulqa_metrics([shift + 1.0], [shift], best=0)
+        assert m["MC2"] == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_factor_counts_ties_as_correct():
+    assert tasks.factor_metrics([-2.0], [-2.0, -5.0, -9.0])["accuracy"] == 1.0
+    assert tasks.factor_metrics([-2.0], [-1.9, -5.0, -9.0])["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("text,answer", [
+    (" Janet has 9 eggs. 9 * 2 = 18. The answer is 18.\n\nQ: next", "18"),
+    (" It costs $1,250 in total. The answer is $1,250.", "1250"),
+    (" 3 + 4 = 7 and then 7 - 2 = 5", "5"),
+    (" I do not know.", None),
+])
+def test_gsm8k_answer_extraction(text, answer):
+    assert tasks.gsm8k_answer(text) == answer
+
+
+@pytest.mark.parametrize("text,answer", [
+    (" Pears float. So the answer is no.", "no"),
+    (" Thus yes. So the answer is Yes.\n\nQ: Is it?", "yes"),
+    (" Maybe. So the answer is unclear.", None),
+    (" No trigger here", None),
+])
+def test_strategyqa_answer_extraction(text, answer):
+    assert tasks.strategyqa_answer(text) == answer
+
+
+def test_generation_correct_compares_numbers():
+    assert tasks.generation_correct("gsm8k", "The answer is 18.0.", "18") == ("18.0", True)
+    assert tasks.generation_correct("gsm8k", "no number", "18") == (None, False)
+    assert tasks.generation_correct("strategyqa", "So the answer is no.", "no") == ("no", True)
+
+
+def test_loaders_read_every_item_of_the_shared_data():
+    counts = {"truthfulqa": 817, "factor-news": 1036, "factor-expert": 236,
+              "strategyqa": 2290, "gsm8k": 1319}
+    for name, count in counts.items():
+        items = tasks.load(name)
+        assert len(items) == count and len({i.id for i in items}) == count, name
+    tqa = tasks.load("truthfulqa")[0]
+    assert tqa.prompt.startswith(tasks.TRUTHFULQA_PRIMER) and tqa.prompt.endswith("\nA:")
+    assert tqa.true[tqa.best] == " The watermelon seeds pass through your digestive system."
+    expert = tasks.load("factor-expert")[0]
+    assert len(expert.true) == 1 and len(expert.false) == 3
+    with open(tasks.data_dir() / "factor/expert_factor.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert expert.prompt == row["turncated_prefixes"] != row["full_prefix"]
+    assert tasks.load("gsm8k")[0].answer == "18"
+    assert tasks.load("strategyqa")[0].answer in ("yes", "no")
+
+
+def test_a_missing_data_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="missing data file .*TruthfulQA.csv"):
+        tasks.load("truthfulqa", tmp_path)
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.load("mmlu")
+
+
+ITEM = tasks.ChoiceItem("0", "Q: where is the sun?\nA:", (" in the sky", " up high"),
+                        (" under the sea", " in a box", " blue"), best=0)
+
+
+@pytest.mark.parametrize("iterations", [1, 10])
+def test_one_forward_scores_like_the_one_method_path(iterations):
+    """Every method and setting from the shared forward (prefix cached once) matches
+    sled_ext.score run separately for each."""
+    model, tokenizer = tiny_model("llama"), CharTokenizer()
+    settings = [SledSetting("sled", 10, 2.0), SledSetting(CONTROL, 10, 0.0),
+                SledSetting("s2", 5, 1.5, "stride:2"), SledSetting("top", 20, 3.0, "top-half")]
+    scorer = ChoiceScorer(model, tokenizer, settings, iterations=iterations,
+                          evolution_lower_bound=-100.0)
+    got = scorer(ITEM)
+    continuations = list(ITEM.true) + list(ITEM.false)
+    prompts = [ITEM.prompt] * len(continuations)
+    expected = {"greedy": dict(method="greedy"), "dola": dict(method="dola")}
+    for s in settings:
+        expected[s.label] = dict(method="sled", evolution_scale=s.evolution_scale,
+                                 evolution_rate=s.evolution_rate, layers=s.layers)
+    for label, kwargs in expected.items():
+        for convention in ("raw", "logprob"):
+            want = sled_ext.score(model, tokenizer, prompts, continuations, iterations=iterations,
+                                  evolution_lower_bound=-100.0,
+                                  post_softmax=convention == "logprob", **kwargs)
+            assert got[label][convention] == pytest.approx(want, rel=1e-4, abs=1e-3), (
+                label, convention)
+
+
+def test_split_is_fixed_and_disjoint():
+    items = list(range(101))
+    dev, held = evaluation.split(items, 0.5, seed=3)
+    assert (dev, held) == evaluation.split(items, 0.5, seed=3)
+    assert sorted(dev + held) == items and len(dev) == 50
+    assert evaluation.split(items, 0.5, seed=4) != (dev, held)
+
+
+def test_item_log_resumes_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "run.items.jsonl"
+    log = evaluation.ItemLog(path, {"a": 1})
+    log.add({"id": "x", "v": 1})
+    with open(path, "a") as f:
+        f.write('{"id": "y", "v"')  # a record cut short by a kill
+    again = evaluation.ItemLog(path, {"a": 1})
+    assert list(again.done) == ["x"]
+    with pytest.raises(ValueError, match="other settings"):
+        evaluation.ItemLog(path, {"a": 2})
+
+
+def test_truthfulqa_slice_on_a_real_model_end_to_end_and_resumed(tmp_path, monkeypatch):
+    out = tmp_path / "tqa.json"
+    first = evaluation.evaluate("truthfulqa", "smollm2-135m", limit=2, out=out, quiet=True)
+    assert set(first["results"]) == {"greedy", "dola", "sled", CONTROL}
+    for by_convention in first["results"].values():
+        for metrics in by_convention.values():
+            assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert json.loads(out.read_text())["config"]["sled"]["iterations"] == 10
+    # A killed run: drop the last record, run again; only that item is scored anew.
+    log = out.with_suffix(".items.jsonl")
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-1]) + "\n")
+    calls = []
+    original = ChoiceScorer.__call__
+    monkeypatch.setattr(ChoiceScorer, "__call__",
+                        lambda self, item: calls.append(item.id) or original(self, item))
+    second = evaluation.evaluate("truthfulqa", "smollm2-135m", limit=2, out=out, quiet=True)
+    assert calls == ["1"]
+    assert second["results"] == first["results"]
+
+
+def test_generation_slice_on_a_real_model(tmp_path):
+    report = evaluation.evaluate("gsm8k", "smollm2-135m", limit=2, out=tmp_path / "g.json",
+                                 methods=("greedy", "sled"), max_new_tokens=6, quiet=True)
+    assert set(report["results"]) == {"greedy", "sled", CONTROL}
+    records = [json.loads(line) for line in
+               (tmp_path / "g.items.jsonl").read_text().splitlines()[1:]]
+    assert [r["gold"] for r in records] == ["18", "3"]
+    assert all(isinstance(r["methods"]["sled"]["text"], str) for r in records)

@@ -1,0 +1,431 @@
+"""Factuality evaluation of greedy, DoLa and SLED on the tasks of :mod:`sled_ext.tasks`, and the
+search for better SLED settings.
+
+Multiple choice shares one forward pass per item among all methods and settings: the prompt
+prefix the continuations share runs once (KV cache), the continuations run as one batch with every
+candidate layer's hidden states captured, and then only the cheap parts differ — the vocab head
+for greedy and DoLa, and for SLED one ``sled.partials`` projection whose candidates serve any
+number of ``(layers, k)`` choices through ``sled.combine`` and any number of rates through the
+evolution step. Both scoring conventions (raw values, log-probabilities) come from the same values.
+
+Runs are resumable: every finished item is appended to ``<out>.items.jsonl``; a run with the same
+settings continues from there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from . import ops, tasks
+from .decoding import dola_contrast, generate
+from .distributed import evolve
+from .models import adapt, candidate_layers
+from .scoring import head_target_values, sled_target_values, tokenize_pair
+
+CONVENTIONS = ("raw", "logprob")
+METHODS = ("greedy", "dola", "sled")
+CONTROL = "sled-a0"  # SLED's top-k truncation alone (alpha = 0): the control of every SLED result
+
+
+@dataclass(frozen=True)
+class SledSetting:
+    """One SLED configuration scored from the shared forward pass."""
+    label: str
+    evolution_scale: int
+    evolution_rate: float
+    layers: object = "all"
+
+
+class Progress:
+    """A one-line progress bar with rate and ETA on stderr."""
+
+    def __init__(self, total: int, desc: str, done: int = 0, stream=sys.stderr):
+        self.total, self.desc, self.done, self.stream = total, desc, done, stream
+        self.start, self.start_done = time.monotonic(), done
+        self.show()
+
+    def update(self, n: int = 1):
+        self.done += n
+        self.show()
+
+    def show(self):
+        elapsed = time.monotonic() - self.start
+        fresh = self.done - self.start_done
+        eta = elapsed / fresh * (self.total - self.done) if fresh else float("nan")
+        width = 24
+        filled = int(width * self.done / self.total) if self.total else width
+        clock = (lambda s: "--:--" if math.isnan(s) else
+                 f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}")
+        self.stream.write(f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{self.done}/{self.total} elapsed {clock(elapsed)} eta {clock(eta)}")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+class ChoiceScorer:
+    """Scores every continuation of a :class:`tasks.ChoiceItem` under greedy, DoLa and several SLED
+    settings from one forward pass. Returns ``{label: {"raw": [...], "logprob": [...]}}`` with the
+    true continuations first, then the false ones."""
+
+    def __init__(self, model, tokenizer, settings: list[SledSetting], *, iterations: int,
+                 evolution_lower_bound: float, methods=METHODS, premature_norm=False,
+                 relative_top=0.1, relative_top_value=-1000.0, chunk=16):
+        self.adapter, self.tokenizer = adapt(model), tokenizer
+        self.settings, self.methods = settings, tuple(methods)
+        self.iterations, self.lower_bound = iterations, evolution_lower_bound
+        self.premature_norm, self.chunk = premature_norm, chunk
+        self.relative_top, self.relative_top_value = relative_top, relative_top_value
+        self.layers = candidate_layers("all", self.adapter.num_layers)
+        # Row indices into [all premature layers..., final] for each setting's layer set.
+        self.rows_of = {}
+        for s in settings:
+            chosen = candidate_layers(s.layers, self.adapter.num_layers)
+            self.rows_of[s.label] = [self.layers.index(layer) for layer in chosen] + [
+                len(self.layers)]
+        if settings and max(s.evolution_scale for s in settings) > self.adapter.vocab:
+            raise ValueError(f"evolution_scale (k) must be <= the vocabulary "
+                             f"({self.adapter.vocab})")
+
+    @torch.inference_mode()
+    def __call__(self, item: tasks.ChoiceItem) -> dict:
+        rows, targets, owner = self._forward(item.prompt, list(item.true) + list(item.false))
+        per_position = {}
+        if "greedy" in self.methods:
+            logits = self.adapter.head(rows[-1])
+            per_position["greedy"] = {c: head_target_values(logits, targets, c == "logprob")
+                                      for c in CONVENTIONS}
+        if "dola" in self.methods:
+            per_position["dola"] = self._dola(rows, targets)
+        if self.settings:
+            per_position.update(self._sled(rows, targets))
+        choices = len(item.true) + len(item.false)
+        out = {}
+        for label, by_convention in per_position.items():
+            out[label] = {}
+            for convention, values in by_convention.items():
+                totals = torch.zeros(choices, dtype=torch.float64)
+                totals.index_add_(0, owner, values.double().cpu())
+                out[label][convention] = totals.tolist()
+        return out
+
+    def _forward(self, prompt: str, continuations: list[str]):
+        """``[R, P, H]`` rows (all premature layers, then the final row) at the P positions that
+        predict continuation tokens, their target tokens ``[P]`` and owning continuation ``[P]``."""
+        a = self.adapter
+        device = a.weight.device
+        pairs = [tokenize_pair(self.tokenizer, prompt, c) for c in continuations]
+        # The prefix every sequence shares runs once; the position before each continuation's
+        # first token must stay in the batch, since its hidden state is scored.
+        shared = min(_common_prefix([ids for ids, _ in pairs]), min(s for _, s in pairs) - 1)
+        cache = None
+        if shared > 0:
+            prefix = torch.tensor([pairs[0][0][:shared]], device=device)
+            cache = DynamicCache(config=a.model.config)
+            a.forward(prefix, torch.ones_like(prefix), torch.arange(shared, device=device)[None],
+                      cache)
+            cache.batch_repeat_interleave(len(pairs))
+        width = max(len(ids) for ids, _ in pairs) - shared
+        ids = torch.zeros(len(pairs), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(pairs), shared + width, dtype=torch.long, device=device)
+        mask[:, :shared] = 1
+        row, col = [], []
+        for b, (tokens, start) in enumerate(pairs):  # right padding: positions are plain
+            rest = tokens[shared:]
+            ids[b, :len(rest)] = torch.tensor(rest)
+            mask[b, shared:shared + len(rest)] = 1
+            row += [b] * (len(tokens) - start)
+            col += range(start - 1 - shared, len(tokens) - 1 - shared)
+        row, col = torch.tensor(row, device=device), torch.tensor(col, device=device)
+        positions = (shared + torch.arange(width, device=device)).expand_as(ids)
+        with a.capture(self.layers, select=lambda hidden: hidden[row, col]):
+            final = a.forward(ids, mask, positions, cache)[row, col]
+        premature = a.premature_rows(self.layers, self.premature_norm)
+        rows = torch.cat([premature, final.to(premature.device)[None]])
+        return rows, ids[row, col + 1], row.cpu()
+
+    def _dola(self, rows, targets):
+        values = {c: [] for c in CONVENTIONS}
+        for first in range(0, rows.shape[1], self.chunk):  # [R, chunk, V] at a time
+            part = slice(first, first + self.chunk)
+            contrast, keep = dola_contrast(self.adapter.head(rows[:, part]), self.relative_top)
+            for c in CONVENTIONS:
+                values[c].append(head_target_values(contrast, targets[part], c == "logprob", keep,
+                                                    self.relative_top_value))
+        return {c: torch.cat(v) for c, v in values.items()}
+
+    def _sled(self, rows, targets):
+        a, T = self.adapter, self.iterations
+        k_max = max(s.evolution_scale for s in self.settings)
+        stats, argmax, values, tokens, premature, final_rows = ops.partials(
+            rows, a.weight, a.bias, vocab_offset=0, evolution_scale=k_max,
+            logit_scale=a.logit_scale, softcap=a.softcap, keep_final=T > 1)
+        out, selected = {}, {}
+        for s in self.settings:
+            key = (tuple(self.rows_of[s.label]), s.evolution_scale)
+            if key not in selected:  # SPEC steps 1-4 for this layer set and k
+                index = torch.tensor(self.rows_of[s.label], device=stats.device)
+                selected[key] = ops.combine(
+                    stats[:, index][None], argmax[:, index][None], values[None], tokens[None],
+                    premature[:, :, index[:-1]][None], evolution_scale=s.evolution_scale)
+            top_tokens, top_values, delta, softmax = selected[key]
+            evolved = evolve(top_values, delta, softmax, s.evolution_rate, T, final_rows,
+                             top_tokens)
+            out[s.label] = {c: sled_target_values(evolved, top_tokens, targets, self.lower_bound,
+                                                  a.vocab, c == "logprob") for c in CONVENTIONS}
+        return out
+
+
+def _common_prefix(sequences) -> int:
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            return i
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: resumable per-item records, a summary per method and convention.
+
+class ItemLog:
+    """``<out>.items.jsonl``: a header with the settings, then one record per finished item."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path, self.done = path, {}
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            header = json.loads(lines[0]) if lines else None
+            if header != {"config": config}:
+                raise ValueError(f"{path} holds a run with other settings; delete it or choose "
+                                 f"another --out")
+            for line in lines[1:]:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                self.done[record["id"]] = record
+            path.write_text("".join(line + "\n" for line in
+                                    [lines[0]] + [json.dumps(r) for r in self.done.values()]),
+                            encoding="utf-8")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"config": config}) + "\n", encoding="utf-8")
+
+    def add(self, record: dict):
+        self.done[record["id"]] = record
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def published_settings(task: tasks.Task, layers="all") -> list[SledSetting]:
+    """The published SLED setting of the task and its truncation-only control."""
+    return [SledSetting("sled", task.evolution_scale, task.evolution_rate, layers),
+            SledSetting(CONTROL, task.evolution_scale, 0.0, layers)]
+
+
+def summarize_choice(task_name: str, records: list[dict], labels) -> dict:
+    """Mean metrics per label and convention."""
+    metric = tasks.CHOICE_METRICS[task_name]
+    out = {}
+    for label in labels:
+        out[label] = {}
+        for c in CONVENTIONS:
+            sums = {}
+            for r in records:
+                scores = r["scores"][label][c]
+                n_true = r["n_true"]
+                for name, value in metric(scores[:n_true], scores[n_true:], r["best"]).items():
+                    sums[name] = sums.get(name, 0.0) + value
+            out[label][c] = {name: total / len(records) for name, total in sums.items()}
+    return out
+
+
+def run_choice(task_name, items, scorer: ChoiceScorer, log: ItemLog, quiet=False) -> list[dict]:
+    todo = [item for item in items if item.id not in log.done]
+    bar = None if quiet else Progress(len(items), task_name, len(items) - len(todo))
+    for item in todo:
+        log.add(dict(id=item.id, n_true=len(item.true), best=item.best, scores=scorer(item)))
+        if bar:
+            bar.update()
+    return [log.done[item.id] for item in items]
+
+
+def run_generation(task_name, items, model, tokenizer, methods: dict, log: ItemLog,
+                   max_new_tokens=256, batch_size=4, quiet=False) -> list[dict]:
+    """Generates an answer per item and method (batched, left-padded); ``methods`` maps a label
+    to :func:`sled_ext.generate` keyword arguments."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    todo = [item for item in items if item.id not in log.done]
+    bar = None if quiet else Progress(len(items), task_name, len(items) - len(todo))
+    for first in range(0, len(todo), batch_size):
+        batch = todo[first:first + batch_size]
+        encoded = tokenizer([item.prompt for item in batch], return_tensors="pt", padding=True)
+        texts = {}
+        for label, kwargs in methods.items():
+            out = generate(model, encoded.input_ids, encoded.attention_mask,
+                           max_new_tokens=max_new_tokens, stop_strings=tasks.STOP_STRINGS,
+                           tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            texts[label] = tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:],
+                                                  skip_special_tokens=True)
+        for b, item in enumerate(batch):
+            record = dict(id=item.id, gold=item.answer, methods={})
+            for label in methods:
+                answer, correct = tasks.generation_correct(task_name, texts[label][b],
+                                                           item.answer)
+                record["methods"][label] = dict(text=tasks.cut_at_stop(texts[label][b]),
+                                                answer=answer, correct=correct)
+            log.add(record)
+            if bar:
+                bar.update()
+    return [log.done[item.id] for item in items]
+
+
+def summarize_generation(records, labels) -> dict:
+    return {label: {"generated": {"accuracy": sum(r["methods"][label]["correct"]
+                                                  for r in records) / len(records)}}
+            for label in labels}
+
+
+def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, data=None,
+             out: Path | None = None, premature_norm=False, layers="all", sled_overrides=None,
+             max_new_tokens=256, batch_size=4, dtype=torch.float32, quiet=False) -> dict:
+    """Runs one task on one model; returns (and writes to ``out``) the results with every setting
+    recorded. ``sled_overrides`` replaces the published k / rate / T / lower bound."""
+    from .hub import load
+    task = tasks.TASKS.get(task_name)
+    if task is None:
+        raise ValueError(f"unknown task {task_name!r}; one of: {', '.join(tasks.TASKS)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)}")
+    items = tasks.load(task_name, data)[:limit]
+    if not items:
+        raise ValueError(f"{task_name}: no items (limit {limit})")
+    sled = dict(evolution_scale=task.evolution_scale, evolution_rate=task.evolution_rate,
+                iterations=task.iterations, evolution_lower_bound=task.evolution_lower_bound)
+    sled.update(sled_overrides or {})
+    config = dict(task=task_name, model=model_name, methods=list(methods), items=len(items),
+                  premature_norm=premature_norm, layers=layers, sled=sled,
+                  max_new_tokens=max_new_tokens if task.kind == "generation" else None,
+                  dtype=str(dtype), primary_convention="logprob" if task.post_softmax else "raw")
+    out = Path(out or f"results/{task_name}-{Path(model_name).name}.json")
+    log = ItemLog(out.with_suffix(".items.jsonl"), config)
+    started = time.monotonic()
+    model, tokenizer = load(model_name, dtype=dtype)
+    settings = []
+    if "sled" in methods:
+        settings = [SledSetting("sled", sled["evolution_scale"], sled["evolution_rate"], layers),
+                    SledSetting(CONTROL, sled["evolution_scale"], 0.0, layers)]
+    labels = [m for m in methods if m != "sled"] + [s.label for s in settings]
+    if task.kind == "choice":
+        scorer = ChoiceScorer(model, tokenizer, settings, iterations=sled["iterations"],
+                              evolution_lower_bound=sled["evolution_lower_bound"],
+                              methods=methods, premature_norm=premature_norm)
+        records = run_choice(task_name, items, scorer, log, quiet)
+        results = summarize_choice(task_name, records, labels)
+    else:
+        common = dict(premature_norm=premature_norm, layers=layers)
+        gen_methods = {m: dict(method=m, **common) for m in methods if m != "sled"}
+        for s in settings:
+            gen_methods[s.label] = dict(method="sled", evolution_scale=s.evolution_scale,
+                                        evolution_rate=s.evolution_rate,
+                                        evolution_lower_bound=sled["evolution_lower_bound"],
+                                        iterations=sled["iterations"], **common)
+        records = run_generation(task_name, items, model, tokenizer, gen_methods, log,
+                                 max_new_tokens, batch_size, quiet)
+        results = summarize_generation(records, labels)
+    report = dict(config=config, results=results, wall_seconds=round(time.monotonic() - started, 1),
+                  command=" ".join(sys.argv), items_file=str(log.path))
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def table(report: dict) -> str:
+    """The results as a printed table: one line per method, metrics per convention."""
+    results = report["results"]
+    lines = []
+    conventions = list(next(iter(results.values())))
+    metrics = list(results[next(iter(results))][conventions[0]])
+    header = f"{'method':<10}" + "".join(f"{c + ' ' + m:>16}" for c in conventions for m in metrics)
+    lines.append(header)
+    for label, by_convention in results.items():
+        lines.append(f"{label:<10}" + "".join(f"{by_convention[c][m]:>16.4f}"
+                                               for c in conventions for m in metrics))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning: a grid of SLED settings on a development split, reported on the held-out split.
+
+GRID_RATES = (0.5, 1.0, 1.75, 2.5, 3.5)
+GRID_SCALES = (5, 10, 20, 50, 75)
+GRID_LAYERS = ("all", "stride:2", "stride:4", "top-half")
+
+
+def split(items, dev_fraction=0.5, seed=0):
+    """A fixed random split of the items into (development, held-out)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    cut = int(len(items) * dev_fraction)
+    dev = sorted(order[:cut])
+    held = sorted(order[cut:])
+    return [items[i] for i in dev], [items[i] for i in held]
+
+
+def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | None = None,
+         rates=GRID_RATES, scales=GRID_SCALES, layer_sets=GRID_LAYERS, select=None,
+         convention=None, seed=0, dev_fraction=0.5, dtype=torch.float32, quiet=False) -> dict:
+    """Scores every grid setting (plus the published one, its control and greedy) from one
+    forward pass per item; picks the best on the development split by ``select`` (default MC1
+    or accuracy) under ``convention`` (default the task's published one) and reports every
+    candidate's held-out scores."""
+    from .hub import load
+    task = tasks.TASKS.get(task_name)
+    if task is None or task.kind != "choice":
+        raise ValueError(f"sled tune takes a multiple-choice task "
+                         f"({', '.join(n for n, t in tasks.TASKS.items() if t.kind == 'choice')})"
+                         f", got {task_name!r}")
+    convention = convention or ("logprob" if task.post_softmax else "raw")
+    select = select or ("MC1" if task_name == "truthfulqa" else "accuracy")
+    items = tasks.load(task_name, data)[:limit]
+    dev, held = split(items, dev_fraction, seed)
+    if not dev or not held:
+        raise ValueError(f"{len(items)} items are too few to split into development and held-out")
+    grid = [SledSetting(f"k={k} a={a} layers={layers}", k, a, layers)
+            for layers in layer_sets for k in scales for a in rates]
+    settings = published_settings(task) + grid
+    config = dict(task=task_name, model=model_name, items=len(items), seed=seed,
+                  dev_fraction=dev_fraction, grid=[asdict(s) for s in settings],
+                  iterations=task.iterations, lower_bound=task.evolution_lower_bound,
+                  dtype=str(dtype))
+    out = Path(out or f"results/tune-{task_name}-{Path(model_name).name}.json")
+    log = ItemLog(out.with_suffix(".items.jsonl"), config)
+    started = time.monotonic()
+    model, tokenizer = load(model_name, dtype=dtype)
+    scorer = ChoiceScorer(model, tokenizer, settings, iterations=task.iterations,
+                          evolution_lower_bound=task.evolution_lower_bound,
+                          methods=("greedy",))
+    records = {r["id"]: r for r in run_choice(task_name, items, scorer, log, quiet)}
+    labels = ["greedy"] + [s.label for s in settings]
+    on_dev = summarize_choice(task_name, [records[i.id] for i in dev], labels)
+    on_held = summarize_choice(task_name, [records[i.id] for i in held], labels)
+    best = max((s for s in grid), key=lambda s: on_dev[s.label][convention][select])
+    chosen = dict(evolution_scale=best.evolution_scale, evolution_rate=best.evolution_rate,
+                  layers=best.layers)
+    report = dict(config=config, convention=convention, select=select, chosen=chosen,
+                  chosen_label=best.label, development=on_dev, held_out=on_held,
+                  held_out_summary={label: on_held[label][convention]
+                                    for label in ("greedy", "sled", CONTROL, best.label)},
+                  wall_seconds=round(time.monotonic() - started, 1), command=" ".join(sys.argv))
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
