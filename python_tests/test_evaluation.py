@@ -83,6 +83,10 @@ def test_a_missing_data_file_is_named(tmp_path):
         tasks.load("truthfulqa", tmp_path)
     with pytest.raises(ValueError, match="unknown task"):
         tasks.load("mmlu")
+    with pytest.raises(ValueError, match="--limit must be >= 1"):
+        evaluation.evaluate("truthfulqa", "smollm2-135m", limit=-1, out=tmp_path / "x.json")
+    with pytest.raises(ValueError, match="multiple-choice task"):
+        evaluation.tune("gsm8k", "smollm2-135m", out=tmp_path / "t.json")
 
 
 ITEM = tasks.ChoiceItem("0", "Q: where is the sun?\nA:", (" in the sky", " up high"),
@@ -132,6 +136,7 @@ def test_item_log_resumes_and_refuses_other_settings(tmp_path):
     assert list(again.done) == ["x"]
     with pytest.raises(ValueError, match="other settings"):
         evaluation.ItemLog(path, {"a": 2})
+    assert list(evaluation.ItemLog(path, {"a": 1, "items": 7}).done) == ["x"]  # a new --limit
 
 
 def test_truthfulqa_slice_on_a_real_model_end_to_end_and_resumed(tmp_path, monkeypatch):
@@ -163,3 +168,11 @@ def test_generation_slice_on_a_real_model(tmp_path):
                (tmp_path / "g.items.jsonl").read_text().splitlines()[1:]]
     assert [r["gold"] for r in records] == ["18", "3"]
     assert all(isinstance(r["methods"]["sled"]["text"], str) for r in records)
+
+
+def test_cli_reports_bad_settings_in_one_line(capsys, tmp_path):
+    from sled_ext.cli import main
+    assert main(["eval", "truthfulqa", "--limit", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "gsm8k", "--data", str(tmp_path)]) == 2
+    assert "missing data file" in capsys.readouterr().err

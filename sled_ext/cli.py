@@ -216,8 +216,10 @@ def cmd_eval(args) -> int:
         sled_overrides=overrides, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, dtype=DTYPES[args.dtype])
     print(evaluation.table(report))
-    print(f"{report['config']['items']} items, {report['wall_seconds']} s; results: "
-          f"{args.out or 'results/'}")
+    spent = report["item_seconds"]
+    print(f"{report['config']['items']} items; this run {report['wall_seconds']} s"
+          + (f", scoring all items {spent} s" if spent is not None else "")
+          + f"; results: {args.out or 'results/'}")
     return 0
 
 

@@ -184,6 +184,18 @@ class ChoiceScorer:
         return out
 
 
+def _item_seconds(records) -> float | None:
+    """The scoring time of all items, summed over the runs that produced them."""
+    seconds = [r.get("seconds") for r in records]
+    return None if None in seconds else round(sum(seconds), 1)
+
+
+def _first(items: list, limit) -> list:
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    return items[:limit]
+
+
 def _common_prefix(sequences) -> int:
     n = min(len(s) for s in sequences)
     for i in range(n):
@@ -196,10 +208,13 @@ def _common_prefix(sequences) -> int:
 # Runs: resumable per-item records, a summary per method and convention.
 
 class ItemLog:
-    """``<out>.items.jsonl``: a header with the settings, then one record per finished item."""
+    """``<out>.items.jsonl``: a header with the settings, then one record per finished item.
+    Records are keyed by item id, so a run may grow or shrink its ``--limit`` and keep them; the
+    item count is not part of the settings compared."""
 
     def __init__(self, path: Path, config: dict):
         self.path, self.done = path, {}
+        config = {key: value for key, value in config.items() if key != "items"}
         if path.exists():
             lines = path.read_text(encoding="utf-8").splitlines()
             header = json.loads(lines[0]) if lines else None
@@ -252,7 +267,10 @@ def run_choice(task_name, items, scorer: ChoiceScorer, log: ItemLog, quiet=False
     todo = [item for item in items if item.id not in log.done]
     bar = None if quiet else Progress(len(items), task_name, len(items) - len(todo))
     for item in todo:
-        log.add(dict(id=item.id, n_true=len(item.true), best=item.best, scores=scorer(item)))
+        started = time.monotonic()
+        scores = scorer(item)
+        log.add(dict(id=item.id, n_true=len(item.true), best=item.best, scores=scores,
+                     seconds=round(time.monotonic() - started, 2)))
         if bar:
             bar.update()
     return [log.done[item.id] for item in items]
@@ -269,6 +287,7 @@ def run_generation(task_name, items, model, tokenizer, methods: dict, log: ItemL
     bar = None if quiet else Progress(len(items), task_name, len(items) - len(todo))
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
+        started = time.monotonic()
         encoded = tokenizer([item.prompt for item in batch], return_tensors="pt", padding=True)
         texts = {}
         for label, kwargs in methods.items():
@@ -278,7 +297,8 @@ def run_generation(task_name, items, model, tokenizer, methods: dict, log: ItemL
             texts[label] = tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:],
                                                   skip_special_tokens=True)
         for b, item in enumerate(batch):
-            record = dict(id=item.id, gold=item.answer, methods={})
+            record = dict(id=item.id, gold=item.answer, methods={},
+                          seconds=round((time.monotonic() - started) / len(batch), 2))
             for label in methods:
                 answer, correct = tasks.generation_correct(task_name, texts[label][b],
                                                            item.answer)
@@ -308,9 +328,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)}")
-    items = tasks.load(task_name, data)[:limit]
-    if not items:
-        raise ValueError(f"{task_name}: no items (limit {limit})")
+    items = _first(tasks.load(task_name, data), limit)
     sled = dict(evolution_scale=task.evolution_scale, evolution_rate=task.evolution_rate,
                 iterations=task.iterations, evolution_lower_bound=task.evolution_lower_bound)
     sled.update(sled_overrides or {})
@@ -345,7 +363,8 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
                                  max_new_tokens, batch_size, quiet)
         results = summarize_generation(records, labels)
     report = dict(config=config, results=results, wall_seconds=round(time.monotonic() - started, 1),
-                  command=" ".join(sys.argv), items_file=str(log.path))
+                  item_seconds=_item_seconds(records), command=" ".join(sys.argv),
+                  items_file=str(log.path))
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
 
@@ -356,11 +375,12 @@ def table(report: dict) -> str:
     lines = []
     conventions = list(next(iter(results.values())))
     metrics = list(results[next(iter(results))][conventions[0]])
-    header = f"{'method':<10}" + "".join(f"{c + ' ' + m:>16}" for c in conventions for m in metrics)
-    lines.append(header)
+    columns = [(c, m, max(10, len(c) + len(m) + 3)) for c in conventions for m in metrics]
+    width = max(10, *(len(label) + 2 for label in results))
+    lines.append(f"{'method':<{width}}" + "".join(f"{c + ' ' + m:>{w}}" for c, m, w in columns))
     for label, by_convention in results.items():
-        lines.append(f"{label:<10}" + "".join(f"{by_convention[c][m]:>16.4f}"
-                                               for c in conventions for m in metrics))
+        lines.append(f"{label:<{width}}" + "".join(f"{by_convention[c][m]:>{w}.4f}"
+                                                    for c, m, w in columns))
     return "\n".join(lines)
 
 
@@ -397,7 +417,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                          f", got {task_name!r}")
     convention = convention or ("logprob" if task.post_softmax else "raw")
     select = select or ("MC1" if task_name == "truthfulqa" else "accuracy")
-    items = tasks.load(task_name, data)[:limit]
+    items = _first(tasks.load(task_name, data), limit)
     dev, held = split(items, dev_fraction, seed)
     if not dev or not held:
         raise ValueError(f"{len(items)} items are too few to split into development and held-out")
@@ -426,6 +446,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                   chosen_label=best.label, development=on_dev, held_out=on_held,
                   held_out_summary={label: on_held[label][convention]
                                     for label in ("greedy", "sled", CONTROL, best.label)},
-                  wall_seconds=round(time.monotonic() - started, 1), command=" ".join(sys.argv))
+                  wall_seconds=round(time.monotonic() - started, 1),
+                  item_seconds=_item_seconds(list(records.values())), command=" ".join(sys.argv))
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
