@@ -176,3 +176,17 @@ def test_cli_reports_bad_settings_in_one_line(capsys, tmp_path):
     assert "--limit must be >= 1" in capsys.readouterr().err
     assert main(["eval", "gsm8k", "--data", str(tmp_path)]) == 2
     assert "missing data file" in capsys.readouterr().err
+
+
+def test_tune_picks_on_development_and_reports_held_out(tmp_path):
+    report = evaluation.tune("factor-expert", "smollm2-135m", limit=4, out=tmp_path / "t.json",
+                             rates=(0.5, 2.0), scales=(5, 10), layer_sets=("all", "stride:4"),
+                             quiet=True)
+    assert report["convention"] == "logprob" and report["select"] == "accuracy"
+    grid = {s["label"] for s in report["config"]["grid"]} - {"sled", CONTROL}
+    assert len(grid) == 8 and report["chosen_label"] in grid
+    assert set(report["held_out_summary"]) == {"greedy", "sled", CONTROL, report["chosen_label"]}
+    rows = {name: entry["rows"] for name, entry in report["layer_sets"].items()}
+    assert rows == {"all": 31, "stride:4": 8}  # SmolLM2: 30 blocks; 26, 22, ..., 2 + final
+    labels = grid | {"greedy", "sled", CONTROL}
+    assert set(report["development"]) == set(report["held_out"]) == labels

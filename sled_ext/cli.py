@@ -233,6 +233,10 @@ def cmd_tune(args) -> int:
     print(f"held-out ({report['config']['items'] - int(report['config']['items'] * 0.5)} items):")
     for label, metrics in report["held_out_summary"].items():
         print(f"  {label:<32}" + "".join(f"{m} {v:.4f}  " for m, v in metrics.items()))
+    print("best setting per candidate-layer set (held-out; cost grows with the rows R):")
+    for layers, entry in report["layer_sets"].items():
+        print(f"  {layers:<10} R = {entry['rows']:<4}" +
+              "".join(f"{m} {v:.4f}  " for m, v in entry["held_out"].items()) + entry["label"])
     if args.save:
         Path(args.save).write_text(json.dumps({"chosen": report["chosen"]}, indent=2))
         print(f"saved to {args.save}; pass it back with sled eval --config {args.save}")

@@ -439,13 +439,25 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
     labels = ["greedy"] + [s.label for s in settings]
     on_dev = summarize_choice(task_name, [records[i.id] for i in dev], labels)
     on_held = summarize_choice(task_name, [records[i.id] for i in held], labels)
-    best = max((s for s in grid), key=lambda s: on_dev[s.label][convention][select])
+    def best_of(candidates):
+        return max(candidates, key=lambda s: on_dev[s.label][convention][select])
+
+    best = best_of(grid)
     chosen = dict(evolution_scale=best.evolution_scale, evolution_rate=best.evolution_rate,
                   layers=best.layers)
+    # Cost vs accuracy of the candidate layers: each set's best setting on the development split,
+    # scored on the held-out split; the projection cost grows with the rows R = layers + 1.
+    by_layers = {}
+    for layers in layer_sets:
+        pick = best_of([s for s in grid if s.layers == layers])
+        by_layers[str(layers)] = dict(
+            label=pick.label, rows=len(candidate_layers(layers, scorer.adapter.num_layers)) + 1,
+            held_out=on_held[pick.label][convention])
     report = dict(config=config, convention=convention, select=select, chosen=chosen,
                   chosen_label=best.label, development=on_dev, held_out=on_held,
                   held_out_summary={label: on_held[label][convention]
                                     for label in ("greedy", "sled", CONTROL, best.label)},
+                  layer_sets=by_layers,
                   wall_seconds=round(time.monotonic() - started, 1),
                   item_seconds=_item_seconds(list(records.values())), command=" ".join(sys.argv))
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
