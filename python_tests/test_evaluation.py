@@ -103,9 +103,13 @@ def test_one_forward_scores_like_the_one_method_path(iterations):
     scorer = ChoiceScorer(model, tokenizer, settings, iterations=iterations,
                           evolution_lower_bound=-100.0)
     got = scorer(ITEM)
+    got["dola-s2"] = ChoiceScorer(model, tokenizer, [], iterations=iterations,
+                                  evolution_lower_bound=-100.0, methods=("dola",),
+                                  dola_layers="stride:2")(ITEM)["dola"]
     continuations = list(ITEM.true) + list(ITEM.false)
     prompts = [ITEM.prompt] * len(continuations)
-    expected = {"greedy": dict(method="greedy"), "dola": dict(method="dola")}
+    expected = {"greedy": dict(method="greedy"), "dola": dict(method="dola"),
+                "dola-s2": dict(method="dola", layers="stride:2")}
     for s in settings:
         expected[s.label] = dict(method="sled", evolution_scale=s.evolution_scale,
                                  evolution_rate=s.evolution_rate, layers=s.layers)

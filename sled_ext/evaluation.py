@@ -78,7 +78,7 @@ class ChoiceScorer:
 
     def __init__(self, model, tokenizer, settings: list[SledSetting], *, iterations: int,
                  evolution_lower_bound: float, methods=METHODS, premature_norm=False,
-                 relative_top=0.1, relative_top_value=-1000.0, chunk=16):
+                 dola_layers="all", relative_top=0.1, relative_top_value=-1000.0, chunk=16):
         self.adapter, self.tokenizer = adapt(model), tokenizer
         self.settings, self.methods = settings, tuple(methods)
         self.iterations, self.lower_bound = iterations, evolution_lower_bound
@@ -91,6 +91,9 @@ class ChoiceScorer:
             chosen = candidate_layers(s.layers, self.adapter.num_layers)
             self.rows_of[s.label] = [self.layers.index(layer) for layer in chosen] + [
                 len(self.layers)]
+        self.dola_rows = [self.layers.index(layer) for layer in
+                          candidate_layers(dola_layers, self.adapter.num_layers)] + [
+                              len(self.layers)]
         if settings and max(s.evolution_scale for s in settings) > self.adapter.vocab:
             raise ValueError(f"evolution_scale (k) must be <= the vocabulary "
                              f"({self.adapter.vocab})")
@@ -153,6 +156,8 @@ class ChoiceScorer:
         return rows, ids[row, col + 1], row.cpu()
 
     def _dola(self, rows, targets):
+        if len(self.dola_rows) < rows.shape[0]:
+            rows = rows[self.dola_rows]
         values = {c: [] for c in CONVENTIONS}
         for first in range(0, rows.shape[1], self.chunk):  # [R, chunk, V] at a time
             part = slice(first, first + self.chunk)
@@ -348,7 +353,8 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
     if task.kind == "choice":
         scorer = ChoiceScorer(model, tokenizer, settings, iterations=sled["iterations"],
                               evolution_lower_bound=sled["evolution_lower_bound"],
-                              methods=methods, premature_norm=premature_norm)
+                              methods=methods, premature_norm=premature_norm,
+                              dola_layers=layers)
         records = run_choice(task_name, items, scorer, log, quiet)
         results = summarize_choice(task_name, records, labels)
     else:
