@@ -146,11 +146,21 @@ void postprocess(float* z, int64_t count, const float* bias, float scale, float 
   }
 }
 
-// Columns per tile: enough for BLAS to run at speed, small enough that the [R*N, tile] logits stay
-// in cache and the weight panel does too (4 MiB read in place; a converted copy is a buffer per
-// thread, so 1 MiB).
+// The [rows, tile] logits of a BLAS call should stay in cache (64K floats) and so should the weight
+// panel (4 MiB read in place; a converted copy is a buffer per thread, so 1 MiB).
+constexpr int64_t kLogitsBudget = 64 * 1024;
+// Many positions are projected in groups, so that tiles stay wide: a narrow tile re-reads all the
+// hidden rows for few tokens (at R * N = 2883 rows, 16-column tiles made the op twice the GEMM).
+constexpr int64_t kMinGroupColumns = 512;
+
+// Positions per group: all of them when their rows leave tiles wide enough, else as many as do.
+int64_t group_positions(int64_t R, int64_t N) {
+  return std::clamp<int64_t>(kLogitsBudget / (R * kMinGroupColumns), 1, std::max<int64_t>(N, 1));
+}
+
+// Columns per tile for `rows` rows per BLAS call.
 int64_t tile_columns(int64_t rows, int64_t hidden, bool converts_weight) {
-  const int64_t by_logits = (64 * 1024) / std::max<int64_t>(rows, 1);
+  const int64_t by_logits = kLogitsBudget / std::max<int64_t>(rows, 1);
   const int64_t panel = converts_weight ? 256 * 1024 : 1024 * 1024;
   const int64_t by_weight = hidden > 0 ? panel / hidden : 4096;
   const int64_t cols = std::min(by_logits, by_weight) / 16 * 16;
@@ -174,8 +184,10 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
   const auto f32 = p.rows.options().dtype(at::kFloat);
   const bool projects = p.projects();
   const int64_t H = projects ? p.weight.size(1) : 0;
-  const at::Tensor hidden = projects ? p.rows.reshape({M, H}).to(at::kFloat).contiguous()
-                                     : at::Tensor();
+  // Position-major ([N, R] rows), so a group of positions is a block of consecutive rows.
+  const at::Tensor hidden =
+      projects ? p.rows.transpose(0, 1).reshape({M, H}).to(at::kFloat).contiguous()
+               : at::Tensor();
   const at::Tensor bias =
       p.bias.defined() ? p.bias.to(at::kFloat).contiguous() : at::Tensor();
   // BLAS reads fp32 weights in place; other dtypes or strides are converted one tile at a time.
@@ -185,13 +197,14 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
   const float softcap = static_cast<float>(p.softcap);
   at::Tensor final_rows = at::empty({N, keep_final ? V : 0}, f32);
 
-  const int64_t tile = tile_columns(M, H, projects && !weight_in_place);
+  const int64_t group = std::min(N, group_positions(R, N));
+  const int64_t tile = tile_columns(group * R, H, projects && !weight_in_place);
   const int64_t tiles = (V + tile - 1) / tile;
   const int64_t chunks = std::min<int64_t>(tiles, std::max<int64_t>(16, at::get_num_threads()));
   std::vector<ChunkResult> results(chunks);
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    at::Tensor logits = at::empty({M * tile}, f32);
+    at::Tensor logits = at::empty({group * R * tile}, f32);
     at::Tensor weight_tile =
         projects && !weight_in_place ? at::empty({tile * H}, f32) : at::Tensor();
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -204,26 +217,36 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
 
       for (int64_t t = first_tile; t < last_tile; ++t) {
         const int64_t v0 = t * tile, cols = std::min(tile, V - v0);
-        at::Tensor out = logits.narrow(0, 0, M * cols).view({M, cols});
+        at::Tensor w;
         if (projects) {
-          at::Tensor w = p.weight.narrow(0, v0, cols);
+          w = p.weight.narrow(0, v0, cols);
           if (!weight_in_place) w = weight_tile.narrow(0, 0, cols * H).view({cols, H}).copy_(w);
-          at::mm_out(out, hidden, w.t());
-        } else {
-          out.view({R, N, cols}).copy_(p.rows.narrow(2, v0, cols));
         }
-        float* z = out.data_ptr<float>();
         const float* tile_bias = bias.defined() ? bias.data_ptr<float>() + v0 : nullptr;
-        for (int64_t m = 0; m < M; ++m) postprocess(z + m * cols, cols, tile_bias, scale, softcap);
-
         const int32_t token0 = static_cast<int32_t>(vocab_offset + v0);
-        for (int64_t n = 0; n < N; ++n) {
-          const float* final_row = z + ((R - 1) * N + n) * cols;
-          for (int64_t r = 0; r < R; ++r)
-            fold_row(result.stats[r * N + n], z + (r * N + n) * cols, final_row, cols, token0);
-          result.heaps[n].offer(final_row, z + n * cols, N * cols, cols, token0);
-          if (keep_final)
-            std::copy(final_row, final_row + cols, final_rows.data_ptr<float>() + n * V + v0);
+        for (int64_t n0 = 0; n0 < N; n0 += group) {
+          // Logits of positions [n0, n0 + g): row r of position n at ((n - n0) * R + r) * cols.
+          const int64_t g = std::min(group, N - n0), rows = g * R;
+          at::Tensor out = logits.narrow(0, 0, rows * cols).view({rows, cols});
+          if (projects) {
+            at::mm_out(out, hidden.narrow(0, n0 * R, rows), w.t());
+          } else {
+            out.view({g, R, cols}).copy_(p.rows.narrow(1, n0, g).narrow(2, v0, cols)
+                                             .transpose(0, 1));
+          }
+          float* z = out.data_ptr<float>();
+          for (int64_t m = 0; m < rows; ++m)
+            postprocess(z + m * cols, cols, tile_bias, scale, softcap);
+
+          for (int64_t n = n0; n < n0 + g; ++n) {
+            const float* position = z + (n - n0) * R * cols;
+            const float* final_row = position + (R - 1) * cols;
+            for (int64_t r = 0; r < R; ++r)
+              fold_row(result.stats[r * N + n], position + r * cols, final_row, cols, token0);
+            result.heaps[n].offer(final_row, position, cols, cols, token0);
+            if (keep_final)
+              std::copy(final_row, final_row + cols, final_rows.data_ptr<float>() + n * V + v0);
+          }
         }
       }
     }
