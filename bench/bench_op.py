@@ -64,8 +64,8 @@ from sled_ext.cli import DTYPES, SHAPES
 
 RATE, LOWER_BOUND = 2.0, -1000.0
 DEFAULTS = {
-    "cpu": dict(shapes=list(SHAPES), batch=[1, 8], k=[10, 75], dtypes=["float32", "bfloat16"],
-                repeats=5, reference_repeats=1),
+    "cpu": dict(shapes=["llama-3.2-1b", "tinyllama", "llama-3-8b"], batch=[1, 8], k=[10, 75],
+                dtypes=["float32", "bfloat16"], repeats=5, reference_repeats=1),
     "cuda": dict(shapes=["llama-3-8b"], batch=[1, 8, 32], k=[10, 75], dtypes=["bfloat16"],
                  repeats=20, reference_repeats=3),
 }

@@ -31,6 +31,7 @@ SHAPES = {  # R = candidate premature layers + the final row
     "llama-3.2-1b": dict(R=17, H=2048, V=128256),
     "tinyllama": dict(R=23, H=2048, V=32000),
     "llama-3-8b": dict(R=33, H=4096, V=128256),
+    "smollm2-135m": dict(R=31, H=576, V=49152),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
