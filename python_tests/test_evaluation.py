@@ -87,6 +87,8 @@ def test_a_missing_data_file_is_named(tmp_path):
         evaluation.evaluate("truthfulqa", "smollm2-135m", limit=-1, out=tmp_path / "x.json")
     with pytest.raises(ValueError, match="multiple-choice task"):
         evaluation.tune("gsm8k", "smollm2-135m", out=tmp_path / "t.json")
+    with pytest.raises(ValueError, match="--select must be one of MC1, MC2, MC3"):
+        evaluation.tune("truthfulqa", "smollm2-135m", out=tmp_path / "t.json", select="BLEU")
 
 
 ITEM = tasks.ChoiceItem("0", "Q: where is the sun?\nA:", (" in the sky", " up high"),
@@ -187,6 +189,7 @@ def test_tune_picks_on_development_and_reports_held_out(tmp_path):
                              rates=(0.5, 2.0), scales=(5, 10), layer_sets=("all", "stride:4"),
                              quiet=True)
     assert report["convention"] == "logprob" and report["select"] == "accuracy"
+    assert (report["development_items"], report["held_out_items"]) == (2, 2)
     grid = {s["label"] for s in report["config"]["grid"]} - {"sled", CONTROL}
     assert len(grid) == 8 and report["chosen_label"] in grid
     assert set(report["held_out_summary"]) == {"greedy", "sled", CONTROL, report["chosen_label"]}

@@ -231,7 +231,7 @@ def cmd_tune(args) -> int:
                              seed=args.seed, dtype=DTYPES[args.dtype])
     print(f"chosen on the development split ({report['select']}, {report['convention']}): "
           f"{report['chosen_label']}")
-    print(f"held-out ({report['config']['items'] - int(report['config']['items'] * 0.5)} items):")
+    print(f"held-out ({report['held_out_items']} items):")
     for label, metrics in report["held_out_summary"].items():
         print(f"  {label:<32}" + "".join(f"{m} {v:.4f}  " for m, v in metrics.items()))
     print("best setting per candidate-layer set (held-out; cost grows with the rows R):")

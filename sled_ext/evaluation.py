@@ -423,6 +423,10 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                          f", got {task_name!r}")
     convention = convention or ("logprob" if task.post_softmax else "raw")
     select = select or ("MC1" if task_name == "truthfulqa" else "accuracy")
+    names = list(tasks.CHOICE_METRICS[task_name]([0.0], [0.0], 0))
+    if select not in names:
+        raise ValueError(f"--select must be one of {', '.join(names)} for {task_name}, "
+                         f"got {select!r}")
     items = _first(tasks.load(task_name, data), limit)
     dev, held = split(items, dev_fraction, seed)
     if not dev or not held:
@@ -460,6 +464,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
             label=pick.label, rows=len(candidate_layers(layers, scorer.adapter.num_layers)) + 1,
             held_out=on_held[pick.label][convention])
     report = dict(config=config, convention=convention, select=select, chosen=chosen,
+                  development_items=len(dev), held_out_items=len(held),
                   chosen_label=best.label, development=on_dev, held_out=on_held,
                   held_out_summary={label: on_held[label][convention]
                                     for label in ("greedy", "sled", CONTROL, best.label)},
