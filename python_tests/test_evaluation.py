@@ -13,6 +13,10 @@ from sled_ext.evaluation import CONTROL, ChoiceScorer, SledSetting
 from test_scoring import CharTokenizer
 from tiny_models import tiny_model
 
+DATA = tasks.data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "truthfulqa" / "TruthfulQA.csv").is_file(),
+                                reason=f"no evaluation data at {DATA} (set SLED_DATA)")
+
 
 def test_truthfulqa_metrics_on_a_hand_made_item():
     m = tasks.truthfulqa_metrics([-1.0, -2.0], [-3.0, -1.5], best=0)
@@ -60,6 +64,7 @@ def test_generation_correct_compares_numbers():
     assert tasks.generation_correct("strategyqa", "So the answer is no.", "no") == ("no", True)
 
 
+@needs_data
 def test_loaders_read_every_item_of_the_shared_data():
     counts = {"truthfulqa": 817, "factor-news": 1036, "factor-expert": 236,
               "strategyqa": 2290, "gsm8k": 1319}
@@ -145,6 +150,7 @@ def test_item_log_resumes_and_refuses_other_settings(tmp_path):
     assert list(evaluation.ItemLog(path, {"a": 1, "items": 7}).done) == ["x"]  # a new --limit
 
 
+@needs_data
 def test_truthfulqa_slice_on_a_real_model_end_to_end_and_resumed(tmp_path, monkeypatch):
     out = tmp_path / "tqa.json"
     first = evaluation.evaluate("truthfulqa", "smollm2-135m", limit=2, out=out, quiet=True)
@@ -166,6 +172,7 @@ def test_truthfulqa_slice_on_a_real_model_end_to_end_and_resumed(tmp_path, monke
     assert second["results"] == first["results"]
 
 
+@needs_data
 def test_generation_slice_on_a_real_model(tmp_path):
     report = evaluation.evaluate("gsm8k", "smollm2-135m", limit=2, out=tmp_path / "g.json",
                                  methods=("greedy", "sled"), max_new_tokens=6, quiet=True)
@@ -184,6 +191,7 @@ def test_cli_reports_bad_settings_in_one_line(capsys, tmp_path):
     assert "missing data file" in capsys.readouterr().err
 
 
+@needs_data
 def test_tune_picks_on_development_and_reports_held_out(tmp_path):
     report = evaluation.tune("factor-expert", "smollm2-135m", limit=4, out=tmp_path / "t.json",
                              rates=(0.5, 2.0), scales=(5, 10), layer_sets=("all", "stride:4"),

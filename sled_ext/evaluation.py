@@ -195,10 +195,11 @@ def _item_seconds(records) -> float | None:
     return None if None in seconds else round(sum(seconds), 1)
 
 
-def _first(items: list, limit) -> list:
+def _first(task_name: str, data, limit) -> list:
+    """The task's first ``limit`` items (all when None)."""
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    return items[:limit]
+    return tasks.load(task_name, data)[:limit]
 
 
 def _common_prefix(sequences) -> int:
@@ -333,7 +334,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)}")
-    items = _first(tasks.load(task_name, data), limit)
+    items = _first(task_name, data, limit)
     sled = dict(evolution_scale=task.evolution_scale, evolution_rate=task.evolution_rate,
                 iterations=task.iterations, evolution_lower_bound=task.evolution_lower_bound)
     sled.update(sled_overrides or {})
@@ -427,7 +428,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
     if select not in names:
         raise ValueError(f"--select must be one of {', '.join(names)} for {task_name}, "
                          f"got {select!r}")
-    items = _first(tasks.load(task_name, data), limit)
+    items = _first(task_name, data, limit)
     dev, held = split(items, dev_fraction, seed)
     if not dev or not held:
         raise ValueError(f"{len(items)} items are too few to split into development and held-out")
