@@ -246,10 +246,11 @@ class ItemLog:
             f.write(json.dumps(record) + "\n")
 
 
-def published_settings(task: tasks.Task, layers="all") -> list[SledSetting]:
-    """The published SLED setting of the task and its truncation-only control."""
-    return [SledSetting("sled", task.evolution_scale, task.evolution_rate, layers),
-            SledSetting(CONTROL, task.evolution_scale, 0.0, layers)]
+def sled_and_control(evolution_scale: int, evolution_rate: float,
+                     layers="all") -> list[SledSetting]:
+    """A SLED setting and its truncation-only control (the same k, alpha = 0)."""
+    return [SledSetting("sled", evolution_scale, evolution_rate, layers),
+            SledSetting(CONTROL, evolution_scale, 0.0, layers)]
 
 
 def summarize_choice(task_name: str, records: list[dict], labels) -> dict:
@@ -348,8 +349,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
     model, tokenizer = load(model_name, dtype=dtype)
     settings = []
     if "sled" in methods:
-        settings = [SledSetting("sled", sled["evolution_scale"], sled["evolution_rate"], layers),
-                    SledSetting(CONTROL, sled["evolution_scale"], 0.0, layers)]
+        settings = sled_and_control(sled["evolution_scale"], sled["evolution_rate"], layers)
     labels = [m for m in methods if m != "sled"] + [s.label for s in settings]
     if task.kind == "choice":
         scorer = ChoiceScorer(model, tokenizer, settings, iterations=sled["iterations"],
@@ -434,7 +434,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
         raise ValueError(f"{len(items)} items are too few to split into development and held-out")
     grid = [SledSetting(f"k={k} a={a} layers={layers}", k, a, layers)
             for layers in layer_sets for k in scales for a in rates]
-    settings = published_settings(task) + grid
+    settings = sled_and_control(task.evolution_scale, task.evolution_rate) + grid
     config = dict(task=task_name, model=model_name, items=len(items), seed=seed,
                   dev_fraction=dev_fraction, grid=[asdict(s) for s in settings],
                   iterations=task.iterations, lower_bound=task.evolution_lower_bound,
