@@ -85,18 +85,16 @@ class ChoiceScorer:
         self.premature_norm, self.chunk = premature_norm, chunk
         self.relative_top, self.relative_top_value = relative_top, relative_top_value
         self.layers = candidate_layers("all", self.adapter.num_layers)
-        # Row indices into [all premature layers..., final] for each setting's layer set.
-        self.rows_of = {}
-        for s in settings:
-            chosen = candidate_layers(s.layers, self.adapter.num_layers)
-            self.rows_of[s.label] = [self.layers.index(layer) for layer in chosen] + [
-                len(self.layers)]
-        self.dola_rows = [self.layers.index(layer) for layer in
-                          candidate_layers(dola_layers, self.adapter.num_layers)] + [
-                              len(self.layers)]
+        self.rows_of = {s.label: self._row_indices(s.layers) for s in settings}
+        self.dola_rows = self._row_indices(dola_layers)
         if settings and max(s.evolution_scale for s in settings) > self.adapter.vocab:
             raise ValueError(f"evolution_scale (k) must be <= the vocabulary "
                              f"({self.adapter.vocab})")
+
+    def _row_indices(self, layers) -> list[int]:
+        """Indices into the captured ``[all premature layers..., final]`` rows for a layer set."""
+        chosen = candidate_layers(layers, self.adapter.num_layers)
+        return [self.layers.index(layer) for layer in chosen] + [len(self.layers)]
 
     @torch.inference_mode()
     def __call__(self, item: tasks.ChoiceItem) -> dict:
