@@ -189,6 +189,11 @@ def test_cli_reports_bad_settings_in_one_line(capsys, tmp_path):
     assert "--limit must be >= 1" in capsys.readouterr().err
     assert main(["eval", "gsm8k", "--data", str(tmp_path)]) == 2
     assert "missing data file" in capsys.readouterr().err
+    assert main(["eval", "truthfulqa", "--device", "abacus", "--limit", "1"]) == 2
+    assert "--device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["tune", "truthfulqa", "--device", "cuda", "--limit", "2"]) == 2
+        assert "no CUDA GPU is visible" in capsys.readouterr().err
 
 
 @needs_data

@@ -34,6 +34,7 @@ SHAPES = {  # R = candidate premature layers + the final row
     "smollm2-135m": dict(R=31, H=576, V=49152),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _layers(text: str):
@@ -215,7 +216,7 @@ def cmd_eval(args) -> int:
         args.task, args.model, methods=args.method or list(evaluation.METHODS), limit=args.limit,
         data=args.data, out=args.out, premature_norm=args.premature_norm, layers=layers,
         sled_overrides=overrides, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, dtype=DTYPES[args.dtype])
+        batch_size=args.batch_size, dtype=DTYPES[args.dtype], device=args.device)
     print(evaluation.table(report))
     spent = report["item_seconds"]
     print(f"{report['config']['items']} items; this run {report['wall_seconds']} s"
@@ -228,7 +229,7 @@ def cmd_tune(args) -> int:
     from . import evaluation
     report = evaluation.tune(args.task, args.model, limit=args.limit, data=args.data,
                              out=args.out, select=args.select, convention=args.convention,
-                             seed=args.seed, dtype=DTYPES[args.dtype])
+                             seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
     print(f"chosen on the development split ({report['select']}, {report['convention']}): "
           f"{report['chosen_label']}")
     print(f"held-out ({report['held_out_items']} items):")
@@ -253,6 +254,9 @@ def _add_eval_args(p):
     p.add_argument("--out", type=Path, help="results JSON (default results/TASK-MODEL.json); "
                    "per-item records go beside it (.items.jsonl) and make the run resumable")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"where the model runs (default {DEFAULT_DEVICE}); results do not "
+                   "depend on it beyond float rounding, so a run may resume on another device")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="positions N (default 1)")
     p.add_argument("--k", type=int, default=10, help="evolution_scale (default 10)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=DEFAULT_DEVICE)
     p.set_defaults(run=cmd_step)
 
     p = commands.add_parser("eval", help="greedy vs DoLa vs SLED on a factuality benchmark")

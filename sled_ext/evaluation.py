@@ -193,6 +193,25 @@ def _item_seconds(records) -> float | None:
     return None if None in seconds else round(sum(seconds), 1)
 
 
+def _checked_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to this torch "
+                         f"({torch.__version__})")
+    return device
+
+
+def _machine(model) -> dict:
+    """Where this run scored (the item log may also hold items scored elsewhere)."""
+    device = model.device
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu, {torch.get_num_threads()} threads")
+    return dict(device=str(device), name=name, torch=torch.__version__)
+
+
 def _first(task_name: str, data, limit) -> list:
     """The task's first ``limit`` items (all when None)."""
     if limit is not None and limit < 1:
@@ -293,7 +312,8 @@ def run_generation(task_name, items, model, tokenizer, methods: dict, log: ItemL
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
         started = time.monotonic()
-        encoded = tokenizer([item.prompt for item in batch], return_tensors="pt", padding=True)
+        encoded = tokenizer([item.prompt for item in batch], return_tensors="pt",
+                            padding=True).to(model.device)
         texts = {}
         for label, kwargs in methods.items():
             out = generate(model, encoded.input_ids, encoded.attention_mask,
@@ -323,7 +343,8 @@ def summarize_generation(records, labels) -> dict:
 
 def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, data=None,
              out: Path | None = None, premature_norm=False, layers="all", sled_overrides=None,
-             max_new_tokens=256, batch_size=4, dtype=torch.float32, quiet=False) -> dict:
+             max_new_tokens=256, batch_size=4, dtype=torch.float32, device="cpu",
+             quiet=False) -> dict:
     """Runs one task on one model; returns (and writes to ``out``) the results with every setting
     recorded. ``sled_overrides`` replaces the published k / rate / T / lower bound."""
     from .hub import load
@@ -333,6 +354,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)}")
+    device = _checked_device(device)
     items = _first(task_name, data, limit)
     sled = dict(evolution_scale=task.evolution_scale, evolution_rate=task.evolution_rate,
                 iterations=task.iterations, evolution_lower_bound=task.evolution_lower_bound)
@@ -344,7 +366,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
     out = Path(out or f"results/{task_name}-{Path(model_name).name}.json")
     log = ItemLog(out.with_suffix(".items.jsonl"), config)
     started = time.monotonic()
-    model, tokenizer = load(model_name, dtype=dtype)
+    model, tokenizer = load(model_name, dtype=dtype, device=device)
     settings = []
     if "sled" in methods:
         settings = sled_and_control(sled["evolution_scale"], sled["evolution_rate"], layers)
@@ -369,7 +391,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
         results = summarize_generation(records, labels)
     report = dict(config=config, results=results, wall_seconds=round(time.monotonic() - started, 1),
                   item_seconds=_item_seconds(records), command=" ".join(sys.argv),
-                  items_file=str(log.path))
+                  items_file=str(log.path), machine=_machine(model))
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
 
@@ -409,7 +431,8 @@ def split(items, dev_fraction=0.5, seed=0):
 
 def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | None = None,
          rates=GRID_RATES, scales=GRID_SCALES, layer_sets=GRID_LAYERS, select=None,
-         convention=None, seed=0, dev_fraction=0.5, dtype=torch.float32, quiet=False) -> dict:
+         convention=None, seed=0, dev_fraction=0.5, dtype=torch.float32, device="cpu",
+         quiet=False) -> dict:
     """Scores every grid setting (plus the published one, its control and greedy) from one
     forward pass per item; picks the best on the development split by ``select`` (default MC1
     or accuracy) under ``convention`` (default the task's published one) and reports every
@@ -426,6 +449,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
     if select not in names:
         raise ValueError(f"--select must be one of {', '.join(names)} for {task_name}, "
                          f"got {select!r}")
+    device = _checked_device(device)
     items = _first(task_name, data, limit)
     dev, held = split(items, dev_fraction, seed)
     if not dev or not held:
@@ -440,7 +464,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
     out = Path(out or f"results/tune-{task_name}-{Path(model_name).name}.json")
     log = ItemLog(out.with_suffix(".items.jsonl"), config)
     started = time.monotonic()
-    model, tokenizer = load(model_name, dtype=dtype)
+    model, tokenizer = load(model_name, dtype=dtype, device=device)
     scorer = ChoiceScorer(model, tokenizer, settings, iterations=task.iterations,
                           evolution_lower_bound=task.evolution_lower_bound,
                           methods=("greedy",))
@@ -469,6 +493,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                                     for label in ("greedy", "sled", CONTROL, best.label)},
                   layer_sets=by_layers,
                   wall_seconds=round(time.monotonic() - started, 1),
-                  item_seconds=_item_seconds(list(records.values())), command=" ".join(sys.argv))
+                  item_seconds=_item_seconds(list(records.values())), command=" ".join(sys.argv),
+                  machine=_machine(model))
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report

@@ -210,8 +210,9 @@ def resolve(model: str) -> Path:
                      f"{', '.join(MODELS)}")
 
 
-def load(model: str, dtype=torch.float32):
-    """``(model, tokenizer)`` for a short name or local folder, the model in eval mode."""
+def load(model: str, dtype=torch.float32, device="cpu"):
+    """``(model, tokenizer)`` for a short name or local folder, the model in eval mode on
+    ``device``."""
     path = resolve(model)
-    return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(),
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device),
             AutoTokenizer.from_pretrained(path))
