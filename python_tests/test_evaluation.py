@@ -38,6 +38,20 @@ def test_factor_counts_ties_as_correct():
     assert tasks.factor_metrics([-2.0], [-1.9, -5.0, -9.0])["accuracy"] == 0.0
 
 
+def test_paired_counts_items_only_one_method_gets_right():
+    def item(sled, greedy):  # one true, one false continuation; MC1 right when true > false
+        return dict(n_true=1, best=0, scores={"sled": {"raw": [sled, 0.0]},
+                                              "greedy": {"raw": [greedy, 0.0]}})
+    records = [item(1, -1)] * 5 + [item(-1, 1)] + [item(1, 1)] * 3
+    counts = evaluation.paired("truthfulqa", records, ["greedy", "sled"], ["raw"])
+    assert counts == {"sled vs greedy": {"raw": dict(only_first=5, only_second=1, p=0.2188)}}
+    assert evaluation.sign_test(5, 0) == 2 / 32 and evaluation.sign_test(0, 0) == 1.0
+    generated = [dict(methods={"dola": {"correct": d}, "greedy": {"correct": g}})
+                 for d, g in [(True, False), (False, True), (False, True)]]
+    assert evaluation.paired("gsm8k", generated, ["greedy", "dola"], ["generated"]) == {
+        "dola vs greedy": {"generated": dict(only_first=1, only_second=2, p=1.0)}}
+
+
 @pytest.mark.parametrize("text,answer", [
     (" Janet has 9 eggs. 9 * 2 = 18. The answer is 18.\n\nQ: next", "18"),
     (" It costs $1,250 in total. The answer is $1,250.", "1250"),
@@ -170,6 +184,8 @@ def test_truthfulqa_slice_on_a_real_model_end_to_end_and_resumed(tmp_path, monke
     second = evaluation.evaluate("truthfulqa", "smollm2-135m", limit=2, out=out, quiet=True)
     assert calls == ["1"]
     assert second["results"] == first["results"]
+    assert (first["scored_here"], second["scored_here"]) == (2, 1)
+    assert second["machine"]["device"] == "cpu" and "paired" in second
 
 
 @needs_data

@@ -205,7 +205,8 @@ def _checked_device(device) -> torch.device:
 
 
 def _machine(model) -> dict:
-    """Where this run scored (the item log may also hold items scored elsewhere)."""
+    """Where this run scored its ``scored_here`` items (the item log may hold others, scored by
+    earlier runs elsewhere)."""
     device = model.device
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu, {torch.get_num_threads()} threads")
@@ -335,6 +336,41 @@ def run_generation(task_name, items, model, tokenizer, methods: dict, log: ItemL
     return [log.done[item.id] for item in items]
 
 
+PAIRS = (("sled", "greedy"), ("sled", CONTROL), ("dola", "greedy"))
+
+
+def _right(task_name: str, record: dict, label: str, convention: str) -> bool:
+    """Whether ``label`` gets the item right: MC1 for TruthfulQA, accuracy otherwise."""
+    if "methods" in record:
+        return bool(record["methods"][label]["correct"])
+    scores, n_true = record["scores"][label][convention], record["n_true"]
+    metrics = tasks.CHOICE_METRICS[task_name](scores[:n_true], scores[n_true:], record["best"])
+    return metrics.get("MC1", metrics.get("accuracy")) == 1.0
+
+
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact binomial p-value of a split of ``a + b`` discordant items into a and b."""
+    n = a + b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n)
+
+
+def paired(task_name: str, records: list[dict], labels, conventions) -> dict:
+    """Per pair of methods (see :data:`PAIRS`) and convention: the items only the first gets
+    right, those only the second does, and the sign test's p-value of that split. Both methods
+    score the same items, so this is far more sensitive than comparing two means."""
+    out = {}
+    for first, second in PAIRS:
+        if first in labels and second in labels:
+            out[f"{first} vs {second}"] = by_convention = {}
+            for c in conventions:
+                a = sum(_right(task_name, r, first, c) and not _right(task_name, r, second, c)
+                        for r in records)
+                b = sum(_right(task_name, r, second, c) and not _right(task_name, r, first, c)
+                        for r in records)
+                by_convention[c] = dict(only_first=a, only_second=b, p=round(sign_test(a, b), 4))
+    return out
+
+
 def summarize_generation(records, labels) -> dict:
     return {label: {"generated": {"accuracy": sum(r["methods"][label]["correct"]
                                                   for r in records) / len(records)}}
@@ -365,6 +401,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
                   dtype=str(dtype), primary_convention="logprob" if task.post_softmax else "raw")
     out = Path(out or f"results/{task_name}-{Path(model_name).name}.json")
     log = ItemLog(out.with_suffix(".items.jsonl"), config)
+    fresh = sum(item.id not in log.done for item in items)
     started = time.monotonic()
     model, tokenizer = load(model_name, dtype=dtype, device=device)
     settings = []
@@ -389,15 +426,19 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
         records = run_generation(task_name, items, model, tokenizer, gen_methods, log,
                                  max_new_tokens, batch_size, quiet)
         results = summarize_generation(records, labels)
-    report = dict(config=config, results=results, wall_seconds=round(time.monotonic() - started, 1),
+    conventions = list(next(iter(results.values())))
+    report = dict(config=config, results=results,
+                  paired=paired(task_name, records, labels, conventions),
+                  wall_seconds=round(time.monotonic() - started, 1),
                   item_seconds=_item_seconds(records), command=" ".join(sys.argv),
-                  items_file=str(log.path), machine=_machine(model))
+                  items_file=str(log.path), machine=_machine(model), scored_here=fresh)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
 
 
 def table(report: dict) -> str:
-    """The results as a printed table: one line per method, metrics per convention."""
+    """The results as a printed table: one line per method, metrics per convention; then the
+    paired comparisons."""
     results = report["results"]
     lines = []
     conventions = list(next(iter(results.values())))
@@ -408,6 +449,11 @@ def table(report: dict) -> str:
     for label, by_convention in results.items():
         lines.append(f"{label:<{width}}" + "".join(f"{by_convention[c][m]:>{w}.4f}"
                                                     for c, m, w in columns))
+    for pair, by_convention in report.get("paired", {}).items():
+        first, second = pair.split(" vs ")
+        for c, n in by_convention.items():
+            lines.append(f"{pair} ({c}): {n['only_first']} items only {first} gets right, "
+                         f"{n['only_second']} only {second}; sign test p = {n['p']:.3f}")
     return "\n".join(lines)
 
 
@@ -463,6 +509,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                   dtype=str(dtype))
     out = Path(out or f"results/tune-{task_name}-{Path(model_name).name}.json")
     log = ItemLog(out.with_suffix(".items.jsonl"), config)
+    fresh = sum(item.id not in log.done for item in items)
     started = time.monotonic()
     model, tokenizer = load(model_name, dtype=dtype, device=device)
     scorer = ChoiceScorer(model, tokenizer, settings, iterations=task.iterations,
@@ -494,6 +541,6 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                   layer_sets=by_layers,
                   wall_seconds=round(time.monotonic() - started, 1),
                   item_seconds=_item_seconds(list(records.values())), command=" ".join(sys.argv),
-                  machine=_machine(model))
+                  machine=_machine(model), scored_here=fresh)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
