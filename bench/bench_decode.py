@@ -18,6 +18,11 @@ embeddings; float32 and bfloat16) and the two real models (sled models list; flo
 
     .venv/bin/python bench/bench_decode.py              # about 20 minutes on 2 cores
     .venv/bin/python bench/bench_decode.py --quick      # the 1B-like model, float32, B=1
+
+--layer-sets also times SLED over cheaper candidate-layer sets (R = layers + 1 rows to project):
+
+    .venv/bin/python bench/bench_decode.py --models smollm2-135m gemma3-270m --batch 1 \
+        --layer-sets all stride:2 stride:4 top-half
 """
 from __future__ import annotations
 
@@ -107,6 +112,15 @@ def run_case(name, dtype_name, batch, args):
             progress(f"{name} {dtype_name} B={batch}: {method}")
             result[f"{method}_ms"] = per_token_ms(adapter, scorer, ids, tokens, args.repeats)
         result["floor_ms"] = floor_ms(adapter, result["rows"], batch, args.repeats)
+        result["layer_sets"] = {}
+        for layers in args.layer_sets:
+            if layers == "all":  # that is "sled" above
+                continue
+            scorer = StepScorer(adapter, Method("sled", RATE, K, LOWER_BOUND, layers=layers))
+            progress(f"{name} {dtype_name} B={batch}: sled layers={layers}")
+            result["layer_sets"][layers] = dict(
+                rows=len(scorer.layers) + 1,
+                sled_ms=per_token_ms(adapter, scorer, ids, args.new_tokens, args.repeats))
     result["extra_ms"] = result["sled_ms"] - result["greedy_ms"]
     return result
 
@@ -128,6 +142,20 @@ def print_table(results):
               f"{published_extra / r['extra_ms']:>8.1f}")
 
 
+def print_layer_table(results):
+    """SLED's cost per candidate-layer set: tok/s and what SLED adds to greedy per token, also as
+    a fraction of what it adds with all layers."""
+    print(f"{'model':<20}{'dtype':<10}{'B':>3}  {'layers':<10}{'R':>4}{'sled tok/s':>12}"
+          f"{'extra ms/tok':>14}{'extra / all':>13}")
+    for r in results:
+        rows = {"all": dict(rows=r["rows"], sled_ms=r["sled_ms"]), **r.get("layer_sets", {})}
+        for layers, entry in rows.items():
+            extra = entry["sled_ms"] - r["greedy_ms"]
+            print(f"{r['model']:<20}{r['dtype']:<10}{r['batch']:>3}  {layers:<10}"
+                  f"{entry['rows']:>4}{1e3 * r['batch'] / entry['sled_ms']:>12.2f}"
+                  f"{extra:>14.1f}{extra / r['extra_ms']:>13.2f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+",
@@ -138,12 +166,18 @@ def main(argv=None):
     p.add_argument("--published-tokens", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-wait", type=float, default=120.0)
+    p.add_argument("--layer-sets", nargs="+", default=["all"],
+                   help="candidate-layer sets to time SLED with besides all (e.g. stride:2 "
+                   "stride:4 top-half)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=Path, default=Path("bench/results/bench_decode-cpu.json"))
     p.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     args = p.parse_args(argv)
     if args.table:
-        print_table(json.loads(args.table.read_text())["results"])
+        results = json.loads(args.table.read_text())["results"]
+        print_table(results)
+        if any(r.get("layer_sets") for r in results):
+            print_layer_table(results)
         return
     if args.quick:
         args.models, args.dtypes, args.batch, args.repeats = (["llama-3.2-1b-like"], ["float32"],
@@ -157,6 +191,8 @@ def main(argv=None):
             for batch in args.batch:
                 results.append(run_case(name, dtype_name, batch, args))
     print_table(results)
+    if args.layer_sets != ["all"]:
+        print_layer_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(dict(machine=machine, settings=vars(args) | {
         "json": str(args.json), "k": K, "rate": RATE}, results=results), indent=2))
