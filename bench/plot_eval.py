@@ -40,12 +40,13 @@ def main(argv=None):
         for convention, metrics in first.items():
             for metric in metrics:
                 if metric in args.metrics:
-                    groups.append((f"{config['task']}\n{model}\n{metric} ({convention}, "
-                                   f"n={config['items']})",
+                    short = "acc." if metric == "accuracy" else metric
+                    groups.append((f"{config['task']}\n{model}\n{short} {convention}\n"
+                                   f"n={config['items']}",
                                    {m: results[m][convention][metric] for m in results}))
     if not groups:
         raise SystemExit("no matching metrics in those files")
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups)), 4.6))
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
