@@ -28,7 +28,7 @@ from . import ops, tasks
 from .decoding import dola_contrast, generate
 from .distributed import evolve
 from .models import adapt, candidate_layers
-from .scoring import head_target_values, sled_target_values, tokenize_pair
+from .scoring import head_target_values, right_padded, sled_target_values, tokenize_pair
 
 CONVENTIONS = ("raw", "logprob")
 METHODS = ("greedy", "dola", "sled")
@@ -134,19 +134,8 @@ class ChoiceScorer:
             a.forward(prefix, torch.ones_like(prefix), torch.arange(shared, device=device)[None],
                       cache)
             cache.batch_repeat_interleave(len(pairs))
-        width = max(len(ids) for ids, _ in pairs) - shared
-        ids = torch.zeros(len(pairs), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(pairs), shared + width, dtype=torch.long, device=device)
-        mask[:, :shared] = 1
-        row, col = [], []
-        for b, (tokens, start) in enumerate(pairs):  # right padding: positions are plain
-            rest = tokens[shared:]
-            ids[b, :len(rest)] = torch.tensor(rest)
-            mask[b, shared:shared + len(rest)] = 1
-            row += [b] * (len(tokens) - start)
-            col += range(start - 1 - shared, len(tokens) - 1 - shared)
-        row, col = torch.tensor(row, device=device), torch.tensor(col, device=device)
-        positions = (shared + torch.arange(width, device=device)).expand_as(ids)
+        ids, mask, row, col = right_padded(pairs, shared, device)
+        positions = (shared + torch.arange(ids.shape[1], device=device)).expand_as(ids)
         with a.capture(self.layers, select=lambda hidden: hidden[row, col]):
             final = a.forward(ids, mask, positions, cache)[row, col]
         premature = a.premature_rows(self.layers, self.premature_norm)

@@ -25,6 +25,26 @@ def tokenize_pair(tokenizer, prompt: str, continuation: str) -> tuple[list[int],
     return full, start
 
 
+def right_padded(pairs, shared: int, device):
+    """A right-padded batch of ``(ids, start)`` pairs (see :func:`tokenize_pair`) whose first
+    ``shared`` tokens are already in a KV cache: ``ids`` ``[B, width]`` (the rest of each
+    sequence), ``mask`` ``[B, shared + width]``, and ``(row, col)``, the batch positions whose
+    next token is a continuation token. Right padding keeps positions plain."""
+    width = max(len(tokens) for tokens, _ in pairs) - shared
+    ids = torch.zeros(len(pairs), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(pairs), shared + width, dtype=torch.long, device=device)
+    mask[:, :shared] = 1
+    row, col = [], []
+    for b, (tokens, start) in enumerate(pairs):
+        rest = tokens[shared:]
+        ids[b, :len(rest)] = torch.tensor(rest)
+        mask[b, shared:shared + len(rest)] = 1
+        row += [b] * (len(tokens) - start)
+        col += range(start - 1 - shared, len(tokens) - 1 - shared)
+    return (ids, mask, torch.tensor(row, device=device, dtype=torch.long),
+            torch.tensor(col, device=device, dtype=torch.long))
+
+
 def sled_target_values(values, tokens, targets, lower_bound, vocab, post_softmax):
     """The evolved value of each position's target token (``lower_bound`` outside the top-k);
     with ``post_softmax`` its log-softmax over the whole evolved vector (k values plus V - k
@@ -84,19 +104,9 @@ def score(model, tokenizer, prompts, continuations, *, method="sled", evolution_
     out = []
     for first in range(0, len(pairs), batch_size):
         batch = pairs[first:first + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        row, col = [], []
-        for b, (tokens, start) in enumerate(batch):  # right padding: positions are plain
-            ids[b, :len(tokens)] = torch.tensor(tokens)
-            mask[b, :len(tokens)] = 1
-            for position in range(start - 1, len(tokens) - 1):
-                row.append(b)
-                col.append(position)
-        row, col = torch.tensor(row, device=device), torch.tensor(col, device=device)
+        ids, mask, row, col = right_padded(batch, 0, device)
         targets = ids[row, col + 1]
-        positions = torch.arange(width, device=device).expand_as(ids)
+        positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
         with adapter.capture(scorer.layers, select=lambda hidden: hidden[row, col]):
             final = adapter.forward(ids, mask, positions)[row, col]
             values = _target_scores(scorer, final, targets, post_softmax, relative_top_value)
