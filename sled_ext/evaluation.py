@@ -247,6 +247,10 @@ class ItemLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"config": config}) + "\n", encoding="utf-8")
 
+    def todo(self, items) -> list:
+        """The items without a record yet."""
+        return [item for item in items if item.id not in self.done]
+
     def add(self, record: dict):
         self.done[record["id"]] = record
         with open(self.path, "a", encoding="utf-8") as f:
@@ -278,7 +282,7 @@ def summarize_choice(task_name: str, records: list[dict], labels) -> dict:
 
 
 def run_choice(task_name, items, scorer: ChoiceScorer, log: ItemLog, quiet=False) -> list[dict]:
-    todo = [item for item in items if item.id not in log.done]
+    todo = log.todo(items)
     bar = None if quiet else Progress(len(items), task_name, len(items) - len(todo))
     for item in todo:
         started = time.monotonic()
@@ -297,7 +301,7 @@ def run_generation(task_name, items, model, tokenizer, methods: dict, log: ItemL
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    todo = [item for item in items if item.id not in log.done]
+    todo = log.todo(items)
     bar = None if quiet else Progress(len(items), task_name, len(items) - len(todo))
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
@@ -347,15 +351,16 @@ def paired(task_name: str, records: list[dict], labels, conventions) -> dict:
     """Per pair of methods (see :data:`PAIRS`) and convention: the items only the first gets
     right, those only the second does, and the sign test's p-value of that split. Both methods
     score the same items, so this is far more sensitive than comparing two means."""
+    right = {(label, c): [_right(task_name, r, label, c) for r in records]
+             for label in labels for c in conventions}
     out = {}
     for first, second in PAIRS:
         if first in labels and second in labels:
             out[f"{first} vs {second}"] = by_convention = {}
             for c in conventions:
-                a = sum(_right(task_name, r, first, c) and not _right(task_name, r, second, c)
-                        for r in records)
-                b = sum(_right(task_name, r, second, c) and not _right(task_name, r, first, c)
-                        for r in records)
+                pairs = list(zip(right[first, c], right[second, c]))
+                a = sum(x and not y for x, y in pairs)
+                b = sum(y and not x for x, y in pairs)
                 by_convention[c] = dict(only_first=a, only_second=b, p=round(sign_test(a, b), 4))
     return out
 
@@ -390,7 +395,7 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
                   dtype=str(dtype), primary_convention="logprob" if task.post_softmax else "raw")
     out = Path(out or f"results/{task_name}-{Path(model_name).name}.json")
     log = ItemLog(out.with_suffix(".items.jsonl"), config)
-    fresh = sum(item.id not in log.done for item in items)
+    fresh = len(log.todo(items))
     started = time.monotonic()
     model, tokenizer = load(model_name, dtype=dtype, device=device)
     settings = []
@@ -498,7 +503,7 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                   dtype=str(dtype))
     out = Path(out or f"results/tune-{task_name}-{Path(model_name).name}.json")
     log = ItemLog(out.with_suffix(".items.jsonl"), config)
-    fresh = sum(item.id not in log.done for item in items)
+    fresh = len(log.todo(items))
     started = time.monotonic()
     model, tokenizer = load(model_name, dtype=dtype, device=device)
     scorer = ChoiceScorer(model, tokenizer, settings, iterations=task.iterations,
