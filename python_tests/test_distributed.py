@@ -30,7 +30,7 @@ def on(device, *tensors):
     return [t.to(device) for t in tensors]
 
 
-def sharded_topk(hidden, weight, bias, shards, iterations, **kw):
+def sharded_topk(hidden, weight, bias, shards, iterations, rate=2.0, **kw):
     """Both phases in one process: what the ranks compute, with the all-gather as a stack."""
     parts = [sled_ext.partials(hidden, weight[a:b], bias[a:b], vocab_offset=a, evolution_scale=K,
                                keep_final=iterations > 1, **kw) for a, b in shards]
@@ -42,10 +42,11 @@ def sharded_topk(hidden, weight, bias, shards, iterations, **kw):
         return distributed.merge_softmax(torch.stack([distributed.local_softmax(r) for r in rows]))
 
     if iterations == 1:
-        values = distributed.evolve(values, delta, softmax, 2.0, 1)
+        values = distributed.evolve(values, delta, softmax, rate, 1)
     else:  # each shard's slice moves; the candidates' values are the same on every shard
         full = torch.cat(rows, dim=1)
-        values = distributed.evolve(values, delta, softmax, 2.0, iterations, full, tokens, 0)
+        values = distributed.evolve(values, delta, softmax, rate, iterations, full, tokens, 0)
+        assert torch.equal(full, torch.cat(rows, dim=1))  # evolve moves a copy
     return distributed.sort_topk(values, tokens)
 
 
@@ -59,6 +60,18 @@ def test_shards_combine_to_the_single_device_op(bounds, iterations, device):
     got = sharded_topk(hidden, weight, bias, split(1003, bounds), iterations, **kw)
     assert torch.equal(got[1], expected[1])
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_rate_zero_keeps_the_final_logits(iterations, device):
+    hidden, weight, bias = on(device, *make_case(seed=2))
+    expected = sled_ext.evolve_topk(hidden, weight, bias, evolution_scale=K, evolution_rate=0.0,
+                                    iterations=iterations)
+    got = sharded_topk(hidden, weight, bias, split(1003, [400]), iterations, rate=0.0)
+    assert torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-6)
+    final = (hidden[-1] @ weight.T + bias).topk(K)
+    torch.testing.assert_close(got[0], final.values, atol=1e-5, rtol=1e-6)
 
 
 def test_a_shard_without_any_of_the_top_k(device):

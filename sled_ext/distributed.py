@@ -57,20 +57,25 @@ def evolve(values, delta, softmax, rate, iterations, rows=None, tokens=None, voc
     """SPEC step 5 on the k candidates, every rank alike. For iterations > 1 each rank also moves
     its own slice ``rows`` of the final row and ``reduce_softmax`` makes its softmax statistics
     global."""
+    if rate == 0:
+        # No step moves a finite row, so every iteration gives what the first does.
+        iterations = 1
     if iterations > 1:
-        # Candidates held by other ranks land in one spare column, dropped after each scatter.
+        # A private copy of the rows, updated in place, with one spare column where candidates
+        # held by other ranks land.
         shard = rows.shape[1]
         owned = (tokens >= vocab_offset) & (tokens < vocab_offset + shard)
         column = torch.where(owned, tokens - vocab_offset, shard)
+        rows = torch.cat([rows, rows[:, :1]], 1)
     for t in range(iterations):
         if t > 0:
-            softmax = reduce_softmax(local_softmax(rows))
+            softmax = reduce_softmax(local_softmax(rows[:, :shard]))
         step = rate * (1 - t / iterations)
         top, total = softmax[:, :1], softmax[:, 1:]
         new_values = values - step * (torch.exp(values - top) / total + delta)
         if t + 1 < iterations:
-            rows = rows - step * (torch.exp(rows - top) / total)
-            rows = torch.cat([rows, rows[:, :1]], 1).scatter(1, column, new_values)[:, :shard]
+            rows.sub_((rows - top).exp_().div_(total).mul_(step))
+            rows.scatter_(1, column, new_values)
         values = new_values
     return values
 
