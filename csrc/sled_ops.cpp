@@ -174,18 +174,38 @@ using PartialsTuple =
 using SelectionTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <Partials (*backend)(const Problem&, int64_t, bool)>
-PartialsTuple partials(const at::Tensor& hidden, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, int64_t vocab_offset, int64_t k,
-                       double logit_scale, double softcap, bool keep_final) {
-  constexpr const char* op = "sled.partials";
-  Problem p = projection_problem(op, hidden, weight, bias, k, /*rate=*/0.0, /*iterations=*/1,
-                                 logit_scale, softcap, /*whole_vocab=*/false);
+PartialsTuple run_partials(const char* op, const Problem& p, int64_t vocab_offset,
+                           bool keep_final) {
   TORCH_CHECK_VALUE(vocab_offset >= 0 &&
                         vocab_offset + p.vocab < std::numeric_limits<int32_t>::max(),
                     op, ": vocab_offset must be >= 0 and offset + shard size < 2^31, got ",
                     vocab_offset);
   const Partials out = backend(p, vocab_offset, keep_final);
   return {out.stats, out.argmax, out.values, out.tokens, out.premature, out.final_rows};
+}
+
+template <Partials (*backend)(const Problem&, int64_t, bool)>
+PartialsTuple partials(const at::Tensor& hidden, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, int64_t vocab_offset, int64_t k,
+                       double logit_scale, double softcap, bool keep_final) {
+  constexpr const char* op = "sled.partials";
+  return run_partials<backend>(
+      op,
+      projection_problem(op, hidden, weight, bias, k, /*rate=*/0.0, /*iterations=*/1, logit_scale,
+                         softcap, /*whole_vocab=*/false),
+      vocab_offset, keep_final);
+}
+
+template <Partials (*backend)(const Problem&, int64_t, bool)>
+PartialsTuple partials_logits(const at::Tensor& logits, int64_t vocab_offset, int64_t k,
+                              double logit_scale, double softcap, bool keep_final) {
+  constexpr const char* op = "sled.partials_logits";
+  check_rows(op, "logits", logits, "V");
+  return run_partials<backend>(
+      op,
+      make_problem(op, "logits", logits, logits.size(2), k, /*rate=*/0.0, /*iterations=*/1,
+                   logit_scale, softcap, /*whole_vocab=*/false),
+      vocab_offset, keep_final);
 }
 
 template <Selection (*backend)(const Partials&, int64_t)>
@@ -252,6 +272,11 @@ TORCH_LIBRARY(sled, m) {
       "-> (Tensor stats, Tensor argmax, Tensor values, Tensor tokens, Tensor premature, "
       "Tensor final_rows)");
   m.def(
+      "partials_logits(Tensor logits, int vocab_offset, int evolution_scale, "
+      "float logit_scale=1.0, float softcap=0.0, bool keep_final=False) "
+      "-> (Tensor stats, Tensor argmax, Tensor values, Tensor tokens, Tensor premature, "
+      "Tensor final_rows)");
+  m.def(
       "combine(Tensor stats, Tensor argmax, Tensor values, Tensor tokens, Tensor premature, "
       "int evolution_scale) -> (Tensor tokens, Tensor values, Tensor delta, Tensor softmax)");
 }
@@ -263,6 +288,7 @@ TORCH_LIBRARY(sled, m) {
     m.impl("evolve_logits", &evolve_logits<evolve_backend>);                                  \
     m.impl("evolve_logits_topk", &evolve_logits_topk<evolve_backend>);                        \
     m.impl("partials", &partials<partials_backend>);                                          \
+    m.impl("partials_logits", &partials_logits<partials_backend>);                            \
     m.impl("combine", &combine<combine_backend>);                                             \
   }
 

@@ -96,6 +96,31 @@ def test_partials_pad_small_shards_and_their_size_ignores_the_vocab(device):
     assert sizes == {distributed.partials_bytes(3, 5, K)}
 
 
+@pytest.mark.parametrize("bounds", [[], [300, 301, 900]])
+def test_partials_of_held_logits_match_the_projecting_phase(bounds, device):
+    hidden, weight, bias = on(device, *make_case())
+    kw = dict(evolution_scale=K, logit_scale=0.7, softcap=20.0, keep_final=True)
+    logits = hidden @ weight.T + bias  # before scaling and soft-capping, as the op takes them
+    for a, b in split(1003, bounds):
+        got = sled_ext.partials_logits(logits[..., a:b], vocab_offset=a, **kw)
+        expected = sled_ext.partials(hidden, weight[a:b], bias[a:b], vocab_offset=a, **kw)
+        for name, x, y in zip(("stats", "argmax", "values", "tokens", "premature", "rows"), got,
+                              expected):
+            if x.dtype == torch.int64:
+                assert torch.equal(x, y), name
+            else:
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_partials_of_held_logits_check_their_shape():
+    with pytest.raises(ValueError, match=r"logits must be \[R, N, V\]"):
+        sled_ext.partials_logits(torch.zeros(3, 50), evolution_scale=K)
+    with pytest.raises(ValueError, match="R >= 2"):
+        sled_ext.partials_logits(torch.zeros(1, 2, 50), evolution_scale=K)
+    with pytest.raises(ValueError, match="vocab_offset must be >= 0"):
+        sled_ext.partials_logits(torch.zeros(2, 2, 50), vocab_offset=-1, evolution_scale=K)
+
+
 def test_combine_checks_its_inputs():
     hidden, weight, bias = make_case()
     parts = [t[None] for t in sled_ext.partials(hidden, weight, bias, vocab_offset=0,
@@ -117,6 +142,8 @@ def test_opcheck_of_both_phases(device):
     parts = [t[None] for t in sled_ext.partials(hidden, weight, bias, vocab_offset=0,
                                                  evolution_scale=K)[:5]]
     torch.library.opcheck(torch.ops.sled.combine.default, (*parts, K))
+    torch.library.opcheck(torch.ops.sled.partials_logits.default,
+                          (hidden @ weight.T, 100, K, 0.5, 3.0, True))
 
 
 def free_port():

@@ -3,10 +3,10 @@ search for better SLED settings.
 
 Multiple choice shares one forward pass per item among all methods and settings: the prompt
 prefix the continuations share runs once (KV cache), the continuations run as one batch with every
-candidate layer's hidden states captured, and then only the cheap parts differ — the vocab head
-for greedy and DoLa, and for SLED one ``sled.partials`` projection whose candidates serve any
-number of ``(layers, k)`` choices through ``sled.combine`` and any number of rates through the
-evolution step. Both scoring conventions (raw values, log-probabilities) come from the same values.
+candidate layer's hidden states captured, and every row's logits are projected once: greedy reads
+the final row, DoLa contrasts the rows, and SLED folds them with ``sled.partials_logits``, whose
+candidates serve any number of ``(layers, k)`` choices through ``sled.combine`` and any number of
+rates through the evolution step. Both scoring conventions (raw values, log-probabilities) come from the same values.
 
 Runs are resumable: every finished item is appended to ``<out>.items.jsonl``; a run with the same
 settings continues from there.
@@ -99,15 +99,7 @@ class ChoiceScorer:
     @torch.inference_mode()
     def __call__(self, item: tasks.ChoiceItem) -> dict:
         rows, targets, owner = self._forward(item.prompt, list(item.true) + list(item.false))
-        per_position = {}
-        if "greedy" in self.methods:
-            logits = self.adapter.head(rows[-1])
-            per_position["greedy"] = {c: head_target_values(logits, targets, c == "logprob")
-                                      for c in CONVENTIONS}
-        if "dola" in self.methods:
-            per_position["dola"] = self._dola(rows, targets)
-        if self.settings:
-            per_position.update(self._sled(rows, targets))
+        per_position = self._score(rows, targets)
         choices = len(item.true) + len(item.false)
         out = {}
         for label, by_convention in per_position.items():
@@ -142,24 +134,41 @@ class ChoiceScorer:
         rows = torch.cat([premature, final.to(premature.device)[None]])
         return rows, ids[row, col + 1], row.cpu()
 
-    def _dola(self, rows, targets):
-        if len(self.dola_rows) < rows.shape[0]:
-            rows = rows[self.dola_rows]
-        values = {c: [] for c in CONVENTIONS}
-        for first in range(0, rows.shape[1], self.chunk):  # [R, chunk, V] at a time
-            part = slice(first, first + self.chunk)
-            contrast, keep = dola_contrast(self.adapter.head(rows[:, part]), self.relative_top)
-            for c in CONVENTIONS:
-                values[c].append(head_target_values(contrast, targets[part], c == "logprob", keep,
-                                                    self.relative_top_value))
-        return {c: torch.cat(v) for c, v in values.items()}
+    def _score(self, rows, targets):
+        """``{label: {convention: [P]}}``: each target's value per method. The logits of every
+        row, ``[R, chunk, V]`` at a time, are projected once and serve all methods."""
+        values, parts = {}, []
+        k_max = max((s.evolution_scale for s in self.settings), default=0)
 
-    def _sled(self, rows, targets):
+        def add(label, by_convention):
+            for c, v in by_convention.items():
+                values.setdefault(label, {}).setdefault(c, []).append(v)
+
+        for first in range(0, rows.shape[1], self.chunk):
+            part = slice(first, first + self.chunk)
+            logits = self.adapter.head(rows[:, part])  # scaled and soft-capped
+            if "greedy" in self.methods:
+                add("greedy", {c: head_target_values(logits[-1], targets[part], c == "logprob")
+                               for c in CONVENTIONS})
+            if "dola" in self.methods:
+                dola = logits[self.dola_rows] if len(self.dola_rows) < len(logits) else logits
+                contrast, keep = dola_contrast(dola, self.relative_top)
+                add("dola", {c: head_target_values(contrast, targets[part], c == "logprob", keep,
+                                                   self.relative_top_value)
+                             for c in CONVENTIONS})
+            if self.settings:
+                parts.append(ops.partials_logits(logits, evolution_scale=k_max,
+                                                 keep_final=self.iterations > 1))
+        out = {label: {c: torch.cat(v) for c, v in by_convention.items()}
+               for label, by_convention in values.items()}
+        if self.settings:
+            out.update(self._sled([torch.cat(p) for p in zip(*parts)], targets))
+        return out
+
+    def _sled(self, partials, targets):
+        """SPEC steps 1-5 for every setting from the partials of the whole vocabulary."""
         a, T = self.adapter, self.iterations
-        k_max = max(s.evolution_scale for s in self.settings)
-        stats, argmax, values, tokens, premature, final_rows = ops.partials(
-            rows, a.weight, a.bias, vocab_offset=0, evolution_scale=k_max,
-            logit_scale=a.logit_scale, softcap=a.softcap, keep_final=T > 1)
+        stats, argmax, values, tokens, premature, final_rows = partials
         out, selected = {}, {}
         for s in self.settings:
             key = (tuple(self.rows_of[s.label]), s.evolution_scale)

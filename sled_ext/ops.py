@@ -47,6 +47,14 @@ def partials(hidden, weight_shard, bias_shard=None, *, vocab_offset, evolution_s
                                            evolution_scale, logit_scale, softcap, keep_final)
 
 
+def partials_logits(logits, *, vocab_offset=0, evolution_scale=10, logit_scale=1.0, softcap=0.0,
+                    keep_final=False):
+    """As :func:`partials` for callers that already hold one shard's logits ``[R, N, V_r]``
+    (e.g. to share them with another method)."""
+    return torch.ops.sled.partials_logits.default(logits, vocab_offset, evolution_scale,
+                                                  logit_scale, softcap, keep_final)
+
+
 def combine(stats, argmax, values, tokens, premature, *, evolution_scale=10):
     """Phase 2 over S shards' partials stacked on a leading dim (SPEC steps 1-4):
     ``(tokens [N, k], final logits [N, k], delta [N, k], final softmax max/sum [N, 2])``."""
@@ -83,15 +91,23 @@ def _(logits, evolution_scale, evolution_rate, iterations=1, logit_scale=1.0, so
     return _topk_outputs(logits, evolution_scale)
 
 
+def _partials_outputs(rows, shard_vocab, k, keep_final):
+    R, N, f32, i64 = rows.shape[0], rows.shape[1], torch.float32, torch.int64
+    return (rows.new_empty((N, R, 6), dtype=f32), rows.new_empty((N, R), dtype=i64),
+            rows.new_empty((N, k), dtype=f32), rows.new_empty((N, k), dtype=i64),
+            rows.new_empty((N, k, R - 1), dtype=f32),
+            rows.new_empty((N, shard_vocab if keep_final else 0), dtype=f32))
+
+
 @torch.library.register_fake("sled::partials")
 def _(hidden, weight, bias, vocab_offset, evolution_scale, logit_scale=1.0, softcap=0.0,
       keep_final=False):
-    R, N = hidden.shape[0], hidden.shape[1]
-    k, f32, i64 = evolution_scale, torch.float32, torch.int64
-    return (hidden.new_empty((N, R, 6), dtype=f32), hidden.new_empty((N, R), dtype=i64),
-            hidden.new_empty((N, k), dtype=f32), hidden.new_empty((N, k), dtype=i64),
-            hidden.new_empty((N, k, R - 1), dtype=f32),
-            hidden.new_empty((N, weight.shape[0] if keep_final else 0), dtype=f32))
+    return _partials_outputs(hidden, weight.shape[0], evolution_scale, keep_final)
+
+
+@torch.library.register_fake("sled::partials_logits")
+def _(logits, vocab_offset, evolution_scale, logit_scale=1.0, softcap=0.0, keep_final=False):
+    return _partials_outputs(logits, logits.shape[2], evolution_scale, keep_final)
 
 
 @torch.library.register_fake("sled::combine")
