@@ -99,8 +99,10 @@ def dola_contrast(logits: torch.Tensor, relative_top: float = 0.1):
     for layer in logits[:-1]:
         log_layer = layer.float().log_softmax(-1)
         mean = 0.5 * (p_final + log_layer.exp())
-        js.append(0.5 * (F.kl_div(log_final, mean, reduction="none").mean(-1)
-                         + F.kl_div(log_layer, mean, reduction="none").mean(-1)))
+        # F.kl_div(x, mean) is xlogy(mean, mean) - mean * x; both terms share the xlogy.
+        entropy = torch.xlogy(mean, mean)
+        js.append(0.5 * ((entropy - mean * log_final).mean(-1)
+                         + (entropy - mean * log_layer).mean(-1)))
     chosen = torch.stack(js).argmax(0)  # [P]
     base = logits[:-1].gather(0, chosen[None, :, None].expand(1, *final.shape))[0]
     base = base.float().log_softmax(-1)
