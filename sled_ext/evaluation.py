@@ -6,7 +6,8 @@ prefix the continuations share runs once (KV cache), the continuations run as on
 candidate layer's hidden states captured, and every row's logits are projected once: greedy reads
 the final row, DoLa contrasts the rows, and SLED folds them with ``sled.partials_logits``, whose
 candidates serve any number of ``(layers, k)`` choices through ``sled.combine`` and any number of
-rates through the evolution step. Both scoring conventions (raw values, log-probabilities) come from the same values.
+rates through the evolution step. Both scoring conventions (raw values, log-probabilities) come
+from the same values.
 
 Runs are resumable: every finished item is appended to ``<out>.items.jsonl``; a run with the same
 settings continues from there.
