@@ -104,10 +104,11 @@ Problem projection_problem(const char* op, const at::Tensor& hidden, const at::T
 }
 
 Problem logits_problem(const char* op, const at::Tensor& logits, int64_t k, double rate,
-                       int64_t iterations, double logit_scale, double softcap) {
+                       int64_t iterations, double logit_scale, double softcap,
+                       bool whole_vocab = true) {
   check_rows(op, "logits", logits, "V");
   return make_problem(op, "logits", logits, logits.size(2), k, rate, iterations, logit_scale,
-                      softcap);
+                      softcap, whole_vocab);
 }
 
 using Backend = Candidates (*)(const Problem&);
@@ -200,11 +201,10 @@ template <Partials (*backend)(const Problem&, int64_t, bool)>
 PartialsTuple partials_logits(const at::Tensor& logits, int64_t vocab_offset, int64_t k,
                               double logit_scale, double softcap, bool keep_final) {
   constexpr const char* op = "sled.partials_logits";
-  check_rows(op, "logits", logits, "V");
   return run_partials<backend>(
       op,
-      make_problem(op, "logits", logits, logits.size(2), k, /*rate=*/0.0, /*iterations=*/1,
-                   logit_scale, softcap, /*whole_vocab=*/false),
+      logits_problem(op, logits, k, /*rate=*/0.0, /*iterations=*/1, logit_scale, softcap,
+                     /*whole_vocab=*/false),
       vocab_offset, keep_final);
 }
 
