@@ -92,13 +92,16 @@ def dola_contrast(logits: torch.Tensor, relative_top: float = 0.1):
     would alone."""
     final = logits[-1].float()
     log_final = final.log_softmax(-1)
-    p_final = log_final.exp()
+    # softmax, as the published code, not exp(log_softmax): a CPU's exp takes a slow path below
+    # -87 (a float's underflow), where most of a raw premature row's log-probabilities lie.
+    p_final = final.softmax(-1)
     # One layer at a time: [P, V] temporaries stay in cache where [L, P, V] ones would not (2x on
     # a CPU at V = 262k), and each value is computed as the whole-stack expression would.
     js = []
     for layer in logits[:-1]:
-        log_layer = layer.float().log_softmax(-1)
-        mean = 0.5 * (p_final + log_layer.exp())
+        layer = layer.float()
+        log_layer = layer.log_softmax(-1)
+        mean = 0.5 * (p_final + layer.softmax(-1))
         # F.kl_div(x, mean) is xlogy(mean, mean) - mean * x; both terms share the xlogy.
         entropy = torch.xlogy(mean, mean)
         js.append(0.5 * ((entropy - mean * log_final).mean(-1)
