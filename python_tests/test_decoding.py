@@ -73,6 +73,46 @@ def test_batched_output_equals_per_row_output(method):
         assert torch.equal(batched[row, width:], alone[0, len(p):])
 
 
+@pytest.mark.parametrize("method", ["sled", "dola", "greedy"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_finished_rows_leave_the_batch_without_changing_any_row(arch, method):
+    """Rows stop at different steps (on their own content); dropping them from the batch and KV
+    cache (a sliding-window one too) gives the tokens of the loop that keeps them."""
+    from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+    from sled_ext.decoding import Method, StepScorer, decode
+    from sled_ext.models import adapt
+    model = tiny_model(arch, sliding_window=4) if arch == "gemma3" else tiny_model(arch)
+    adapter = adapt(model)
+    prompts = [prompt(n, seed=n)[0] for n in (3, 7, 5, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    batch_sizes = []
+    forward = adapter.forward
+    adapter.forward = lambda input_ids, *rest: (batch_sizes.append(len(input_ids)),
+                                                forward(input_ids, *rest))[1]
+
+    def run(drop_finished):
+        batch_sizes.clear()
+        return decode(adapter, StepScorer(adapter, Method(method)), ids, mask,
+                      LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.05)]),
+                      lambda seen, _scores: seen[:, -1] % 5 == 0, max_new_tokens=12,
+                      do_sample=False, pad_token_id=0, drop_finished=drop_finished)
+
+    kept = run(drop_finished=False)
+    assert set(batch_sizes) == {len(prompts)}
+    dropped = run(drop_finished=True)
+    assert torch.equal(dropped, kept)
+    stops = sorted(next((step for step, token in enumerate(row[width:].tolist(), 1)
+                         if token % 5 == 0), 12) for row in kept)
+    # the prefill, then one forward per step with the rows that have not stopped yet
+    assert batch_sizes == [len(prompts)] + [sum(stop > step for stop in stops)
+                                            for step in range(1, stops[-1])]
+    assert len(set(stops)) > 1, "every row stopped at the same step: nothing was dropped"
+
+
 def test_rows_stop_on_their_own_eos_and_pad():
     model = tiny_model("llama")
     ids = torch.cat([prompt(5, seed=1), prompt(5, seed=2)])

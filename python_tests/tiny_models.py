@@ -25,11 +25,12 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, **overrides):
     """An eval-mode model whose weights are large enough that next-token choices are not near-ties
-    (random init at the usual 0.02 makes every logit almost equal)."""
+    (random init at the usual 0.02 makes every logit almost equal); ``overrides`` go to its
+    config."""
     config_class, extra = ARCHITECTURES[arch]
-    config = getattr(transformers, config_class)(**COMMON, **extra)
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
     config.initializer_range = 0.1
     torch.manual_seed(seed)
     with warnings.catch_warnings():

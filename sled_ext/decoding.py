@@ -122,29 +122,41 @@ def _pick(scores: torch.Tensor, do_sample: bool, generator) -> torch.Tensor:
 @torch.inference_mode()
 def decode(adapter: Adapter, scorer: Callable, input_ids: torch.Tensor, attention_mask,
            processors, stopping, *, max_new_tokens: int, do_sample: bool, pad_token_id: int,
-           generator=None, on_tokens: Callable | None = None) -> torch.Tensor:
+           generator=None, on_tokens: Callable | None = None,
+           drop_finished: bool = False) -> torch.Tensor:
     """The loop: prefill once, then one token per step for the whole batch with a KV cache.
-    Rows that stop keep emitting ``pad_token_id``; the loop ends when all rows stop."""
+    Rows that stop emit ``pad_token_id`` from then on; the loop ends when all rows stop. With
+    ``drop_finished`` stopped rows also leave the batch (KV cache and all), so the rows still
+    running cost what they would alone; only for processors and stopping criteria that read each
+    row by itself (no per-batch-index state), as :func:`generate`'s."""
     ids = input_ids
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache = DynamicCache(config=adapter.model.config)
     layers = getattr(scorer, "layers", [])
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    live = torch.arange(ids.shape[0], device=ids.device)  # the rows in the forward batch
     with adapter.capture(layers, select=lambda hidden: hidden[:, -1]):
         hidden = adapter.forward(ids, mask, positions, cache)[:, -1]  # prefill
-        for _ in range(max_new_tokens):
-            scores = processors(ids, scorer(hidden).to(ids.device))
-            token = _pick(scores, do_sample, generator).masked_fill(done, pad_token_id)
+        for step in range(1, max_new_tokens + 1):
+            scores = processors(ids[live], scorer(hidden).to(ids.device))
+            picked = _pick(scores, do_sample, generator).masked_fill(done[live], pad_token_id)
+            token = torch.full_like(done, pad_token_id, dtype=ids.dtype).index_copy_(0, live,
+                                                                                     picked)
             ids = torch.cat([ids, token[:, None]], dim=-1)
             if on_tokens is not None:
                 on_tokens(token)
-            done |= stopping(ids, scores)
-            if bool(done.all()):
+            done[live] |= stopping(ids[live], scores)
+            running_now = int((~done[live]).sum())
+            if running_now == 0 or step == max_new_tokens:
                 break
+            if drop_finished and running_now < len(live):
+                keep = (~done[live]).nonzero()[:, 0]
+                live, mask, positions = live[keep], mask[keep], positions[keep]
+                cache.batch_select_indices(keep)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
             positions = positions[:, -1:] + 1
-            hidden = adapter.forward(token[:, None], mask, positions, cache)[:, -1]
+            hidden = adapter.forward(ids[live, -1:], mask, positions, cache)[:, -1]
     return ids
 
 
@@ -199,7 +211,7 @@ def generate(model, input_ids, attention_mask=None, *, method="sled", evolution_
         streamer.put(input_ids.cpu())
     out = decode(adapter, scorer, input_ids, attention_mask, processors, stopping,
                  max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
-                 generator=generator, on_tokens=on_tokens)
+                 generator=generator, on_tokens=on_tokens, drop_finished=True)
     if streamer is not None:
         streamer.end()
     return out
