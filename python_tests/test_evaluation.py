@@ -114,16 +114,16 @@ ITEM = tasks.ChoiceItem("0", "Q: where is the sun?\nA:", (" in the sky", " up hi
                         (" under the sea", " in a box", " blue"), best=0)
 
 
-@pytest.mark.parametrize("chunks", [(64, 8), (5, 2)])  # positions per projection, per DoLa
+@pytest.mark.parametrize("chunk", [64, 5])  # positions per projection
 @pytest.mark.parametrize("iterations", [1, 10])
-def test_one_forward_scores_like_the_one_method_path(iterations, chunks):
+def test_one_forward_scores_like_the_one_method_path(iterations, chunk):
     """Every method and setting from the shared forward (prefix cached once) matches
     sled_ext.score run separately for each."""
     model, tokenizer = tiny_model("llama"), CharTokenizer()
     settings = [SledSetting("sled", 10, 2.0), SledSetting(CONTROL, 10, 0.0),
                 SledSetting("s2", 5, 1.5, "stride:2"), SledSetting("top", 20, 3.0, "top-half")]
     scorer = ChoiceScorer(model, tokenizer, settings, iterations=iterations,
-                          evolution_lower_bound=-100.0, chunk=chunks[0], dola_chunk=chunks[1])
+                          evolution_lower_bound=-100.0, chunk=chunk)
     got = scorer(ITEM)
     got["dola-s2"] = ChoiceScorer(model, tokenizer, [], iterations=iterations,
                                   evolution_lower_bound=-100.0, methods=("dola",),

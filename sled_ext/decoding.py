@@ -92,9 +92,23 @@ def dola_contrast(logits: torch.Tensor, relative_top: float = 0.1):
     would alone."""
     final = logits[-1].float()
     log_final = final.log_softmax(-1)
+    # A CPU takes two positions at a time, so that every layer's [2, V] temporaries stay in its
+    # cache (1.3x over 8 at V = 262k); a GPU takes them all at once.
+    step = 2 if logits.device.type == "cpu" else max(logits.shape[1], 1)
+    chosen = torch.cat([_most_divergent(rows, log_rows) for rows, log_rows
+                        in zip(logits.split(step, dim=1), log_final.split(step))])  # [P]
+    base = logits[:-1].gather(0, chosen[None, :, None].expand(1, *final.shape))[0]
+    base = base.float().log_softmax(-1)
+    keep = log_final >= log_final.max(-1, keepdim=True).values + math.log(relative_top)
+    return log_final - base, keep
+
+
+def _most_divergent(logits: torch.Tensor, log_final: torch.Tensor) -> torch.Tensor:
+    """Per position, the premature row of ``logits`` ``[R, P, V]`` with the largest
+    Jensen-Shannon divergence to the final row (whose log-softmax is ``log_final``)."""
     # softmax, as the published code, not exp(log_softmax): a CPU's exp takes a slow path below
     # -87 (a float's underflow), where most of a raw premature row's log-probabilities lie.
-    p_final = final.softmax(-1)
+    p_final = logits[-1].float().softmax(-1)
     # One layer at a time: [P, V] temporaries stay in cache where [L, P, V] ones would not (2x on
     # a CPU at V = 262k), and each value is computed as the whole-stack expression would.
     js = []
@@ -106,11 +120,7 @@ def dola_contrast(logits: torch.Tensor, relative_top: float = 0.1):
         entropy = torch.xlogy(mean, mean)
         js.append(0.5 * ((entropy - mean * log_final).mean(-1)
                          + (entropy - mean * log_layer).mean(-1)))
-    chosen = torch.stack(js).argmax(0)  # [P]
-    base = logits[:-1].gather(0, chosen[None, :, None].expand(1, *final.shape))[0]
-    base = base.float().log_softmax(-1)
-    keep = log_final >= log_final.max(-1, keepdim=True).values + math.log(relative_top)
-    return log_final - base, keep
+    return torch.stack(js).argmax(0)
 
 
 def _pick(scores: torch.Tensor, do_sample: bool, generator) -> torch.Tensor:

@@ -79,14 +79,12 @@ class ChoiceScorer:
 
     def __init__(self, model, tokenizer, settings: list[SledSetting], *, iterations: int,
                  evolution_lower_bound: float, methods=METHODS, premature_norm=False,
-                 dola_layers="all", relative_top=0.1, relative_top_value=-1000.0, chunk=64,
-                 dola_chunk=8):
+                 dola_layers="all", relative_top=0.1, relative_top_value=-1000.0, chunk=64):
         self.adapter, self.tokenizer = adapt(model), tokenizer
         self.settings, self.methods = settings, tuple(methods)
         self.iterations, self.lower_bound = iterations, evolution_lower_bound
-        # Positions per projection (wide GEMMs), and per DoLa contrast, whose [chunk, V]
-        # temporaries should stay in cache.
-        self.premature_norm, self.chunk, self.dola_chunk = premature_norm, chunk, dola_chunk
+        # Positions per projection: wide GEMMs, [R, chunk, V] logits.
+        self.premature_norm, self.chunk = premature_norm, chunk
         self.relative_top, self.relative_top_value = relative_top, relative_top_value
         self.layers = candidate_layers("all", self.adapter.num_layers)
         self.rows_of = {s.label: self._row_indices(s.layers) for s in settings}
@@ -156,12 +154,10 @@ class ChoiceScorer:
                                for c in CONVENTIONS})
             if "dola" in self.methods:
                 dola = logits[self.dola_rows] if len(self.dola_rows) < len(logits) else logits
-                for sub in range(0, dola.shape[1], self.dola_chunk):
-                    contrast, keep = dola_contrast(dola[:, sub:sub + self.dola_chunk],
-                                                   self.relative_top)
-                    add("dola", {c: head_target_values(
-                        contrast, targets[part][sub:sub + self.dola_chunk], c == "logprob", keep,
-                        self.relative_top_value) for c in CONVENTIONS})
+                contrast, keep = dola_contrast(dola, self.relative_top)
+                add("dola", {c: head_target_values(contrast, targets[part], c == "logprob", keep,
+                                                   self.relative_top_value)
+                             for c in CONVENTIONS})
             if self.settings:
                 parts.append(ops.partials_logits(logits, evolution_scale=k_max,
                                                  keep_final=self.iterations > 1))
