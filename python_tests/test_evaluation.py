@@ -1,6 +1,7 @@
 """The evaluation harness: metrics on hand-made items, the data loaders, the shared-forward scorer
 against the one-method scoring path, resumable logs, and a real-model slice end to end."""
 import csv
+import io
 import json
 import math
 
@@ -227,3 +228,18 @@ def test_tune_picks_on_development_and_reports_held_out(tmp_path):
     assert rows == {"all": 31, "stride:4": 8}  # SmolLM2: 30 blocks; 26, 22, ..., 2 + final
     labels = grid | {"greedy", "sled", CONTROL}
     assert set(report["development"]) == set(report["held_out"]) == labels
+
+
+def test_progress_shows_counts_eta_and_a_note_it_clears():
+    stream = io.StringIO()
+    bar = evaluation.Progress(4, "task", done=1, stream=stream)
+    bar.show("items 2-3 of the rest: dola, token 17")
+    bar.update(2)
+    lines = stream.getvalue().split("\r")[1:]
+    assert lines[0].startswith("task [######..................] 1/4 elapsed 0:00:00 eta --:--")
+    assert lines[1].endswith("| items 2-3 of the rest: dola, token 17")
+    # the note goes with the update, and the shorter line blanks out the longer one
+    assert "3/4" in lines[2] and "|" not in lines[2] and len(lines[2]) == len(lines[1])
+    bar.update()
+    last = stream.getvalue().split("\r")[-1]
+    assert "4/4" in last and last.endswith("\n")

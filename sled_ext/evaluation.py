@@ -14,6 +14,7 @@ settings continues from there.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -46,18 +47,23 @@ class SledSetting:
 
 
 class Progress:
-    """A one-line progress bar with rate and ETA on stderr."""
+    """A one-line progress bar with rate and ETA on stderr, and an optional note on what runs now
+    (generation saves 40 items at a time; the note shows the step within them)."""
 
     def __init__(self, total: int, desc: str, done: int = 0, stream=sys.stderr):
         self.total, self.desc, self.done, self.stream = total, desc, done, stream
         self.start, self.start_done = time.monotonic(), done
+        self.note, self.width = "", 0
         self.show()
 
     def update(self, n: int = 1):
         self.done += n
+        self.note = ""
         self.show()
 
-    def show(self):
+    def show(self, note: str | None = None):
+        if note is not None:
+            self.note = note
         elapsed = time.monotonic() - self.start
         fresh = self.done - self.start_done
         eta = elapsed / fresh * (self.total - self.done) if fresh else float("nan")
@@ -65,8 +71,12 @@ class Progress:
         filled = int(width * self.done / self.total) if self.total else width
         clock = (lambda s: "--:--" if math.isnan(s) else
                  f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}")
-        self.stream.write(f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{self.done}/{self.total} elapsed {clock(elapsed)} eta {clock(eta)}")
+        line = (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"elapsed {clock(elapsed)} eta {clock(eta)}" + (f" | {self.note}" if self.note
+                                                                 else ""))
+        # pad over the rest of a longer previous line
+        self.stream.write(f"\r{line.ljust(self.width)}")
+        self.width = len(line)
         if self.done >= self.total:
             self.stream.write("\n")
         self.stream.flush()
@@ -321,9 +331,14 @@ def run_generation(task_name, items, model, tokenizer, methods: dict, log: ItemL
                             padding=True).to(model.device)
         texts = {}
         for label, kwargs in methods.items():
+            steps = itertools.count(1)
+            note = f"items {first + 1}-{first + len(batch)} of the rest: {label}, token "
             out = generate(model, encoded.input_ids, encoded.attention_mask,
                            max_new_tokens=max_new_tokens, stop_strings=tasks.STOP_STRINGS,
-                           tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, **kwargs)
+                           tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
+                           callback=None if bar is None else (
+                               lambda _: bar.show(f"{note}{next(steps)}")),
+                           **kwargs)
             texts[label] = tokenizer.batch_decode(out[:, encoded.input_ids.shape[1]:],
                                                   skip_special_tokens=True)
         for b, item in enumerate(batch):
