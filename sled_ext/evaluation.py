@@ -48,7 +48,7 @@ class SledSetting:
 
 class Progress:
     """A one-line progress bar with rate and ETA on stderr, and an optional note on what runs now
-    (generation saves 40 items at a time; the note shows the step within them)."""
+    (generation finishes a whole batch of items at once; the note shows the step within it)."""
 
     def __init__(self, total: int, desc: str, done: int = 0, stream=sys.stderr):
         self.total, self.desc, self.done, self.stream = total, desc, done, stream
