@@ -157,11 +157,12 @@ def decode(adapter: Adapter, scorer: Callable, input_ids: torch.Tensor, attentio
             if on_tokens is not None:
                 on_tokens(token)
             done[live] |= stopping(ids[live], scores)
-            running_now = int((~done[live]).sum())
+            running = ~done[live]
+            running_now = int(running.sum())
             if running_now == 0 or step == max_new_tokens:
                 break
             if drop_finished and running_now < len(live):
-                keep = (~done[live]).nonzero()[:, 0]
+                keep = running.nonzero()[:, 0]
                 live, mask, positions = live[keep], mask[keep], positions[keep]
                 cache.batch_select_indices(keep)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
