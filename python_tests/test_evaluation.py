@@ -145,6 +145,21 @@ def test_one_forward_scores_like_the_one_method_path(iterations, chunk):
                 label, convention)
 
 
+def test_continuations_that_begin_alike_share_their_projected_positions():
+    """ITEM's continuations share first characters (" in the sky" / " in a box", " u..."): each
+    distinct input is projected once, the scores staying those of the test above."""
+    model, tokenizer = tiny_model("llama"), CharTokenizer()
+    scorer = ChoiceScorer(model, tokenizer, [SledSetting("sled", 10, 2.0)], iterations=1,
+                          evolution_lower_bound=-100.0)
+    projected, head = [], scorer.adapter.head
+    scorer.adapter.head = lambda rows: projected.append(rows.shape[1]) or head(rows)
+    scorer(ITEM)
+    starts = len(tokenizer(ITEM.prompt).input_ids)
+    inputs = [tokenizer(ITEM.prompt + c).input_ids for c in ITEM.true + ITEM.false]
+    distinct = {tuple(ids[:j]) for ids in inputs for j in range(starts, len(ids))}
+    assert sum(projected) == len(distinct) < sum(len(ids) - starts for ids in inputs)
+
+
 def test_split_is_fixed_and_disjoint():
     items = list(range(101))
     dev, held = evaluation.split(items, 0.5, seed=3)

@@ -110,8 +110,9 @@ class ChoiceScorer:
 
     @torch.inference_mode()
     def __call__(self, item: tasks.ChoiceItem) -> dict:
-        rows, targets, owner = self._forward(item.prompt, list(item.true) + list(item.false))
-        per_position = self._score(rows, targets)
+        rows, targets, owner, source = self._forward(item.prompt,
+                                                     list(item.true) + list(item.false))
+        per_position = self._score(rows, targets, source)
         choices = len(item.true) + len(item.false)
         out = {}
         for label, by_convention in per_position.items():
@@ -123,8 +124,9 @@ class ChoiceScorer:
         return out
 
     def _forward(self, prompt: str, continuations: list[str]):
-        """``[R, P, H]`` rows (all premature layers, then the final row) at the P positions that
-        predict continuation tokens, their target tokens ``[P]`` and owning continuation ``[P]``."""
+        """``[R, U, H]`` rows (all premature layers, then the final row) at the U distinct
+        positions that predict continuation tokens; for each of the P such positions its target
+        token, owning continuation and distinct position (``[P]`` each)."""
         a = self.adapter
         device = a.weight.device
         pairs = [tokenize_pair(self.tokenizer, prompt, c) for c in continuations]
@@ -139,45 +141,46 @@ class ChoiceScorer:
                       cache)
             cache.batch_repeat_interleave(len(pairs))
         ids, mask, row, col = right_padded(pairs, shared, device)
+        first, source = _distinct_inputs(ids, row, col)
         positions = (shared + torch.arange(ids.shape[1], device=device)).expand_as(ids)
-        with a.capture(self.layers, select=lambda hidden: hidden[row, col]):
-            final = a.forward(ids, mask, positions, cache)[row, col]
+        with a.capture(self.layers, select=lambda hidden: hidden[row[first], col[first]]):
+            final = a.forward(ids, mask, positions, cache)[row[first], col[first]]
         premature = a.premature_rows(self.layers, self.premature_norm)
         rows = torch.cat([premature, final.to(premature.device)[None]])
-        return rows, ids[row, col + 1], row.cpu()
+        return rows, ids[row, col + 1], row.cpu(), source.to(rows.device)
 
-    def _score(self, rows, targets):
-        """``{label: {convention: [P]}}``: each target's value per method. The logits of every
-        row, ``[R, chunk, V]`` at a time, are projected once and serve all methods."""
+    def _score(self, rows, targets, source):
+        """``{label: {convention: [P]}}``: each target's value per method (``source``: the row
+        that predicts it). The logits of every row, ``[R, chunk, V]`` at a time, are projected
+        once and serve all methods."""
         values, parts = {}, []
         k_max = max((s.evolution_scale for s in self.settings), default=0)
 
-        def add(label, by_convention):
+        def add(label, mine, by_convention):
             for c, v in by_convention.items():
-                values.setdefault(label, {}).setdefault(c, []).append(v)
+                values.setdefault(label, {}).setdefault(c, v.new_empty(len(targets)))[mine] = v
 
         for first in range(0, rows.shape[1], self.chunk):
-            part = slice(first, first + self.chunk)
-            logits = self.adapter.head(rows[:, part])  # scaled and soft-capped
+            logits = self.adapter.head(rows[:, first:first + self.chunk])  # scaled, soft-capped
+            mine = ((source >= first) & (source < first + logits.shape[1])).nonzero()[:, 0]
+            local, wanted = source[mine] - first, targets[mine]
             if "greedy" in self.methods:
-                add("greedy", {c: head_target_values(logits[-1], targets[part], c == "logprob")
-                               for c in CONVENTIONS})
+                add("greedy", mine, {c: head_target_values(logits[-1], wanted, c == "logprob",
+                                                           rows=local) for c in CONVENTIONS})
             if "dola" in self.methods:
                 dola = logits[self.dola_rows] if len(self.dola_rows) < len(logits) else logits
                 contrast, keep = dola_contrast(dola, self.relative_top)
-                add("dola", {c: head_target_values(contrast, targets[part], c == "logprob", keep,
-                                                   self.relative_top_value)
-                             for c in CONVENTIONS})
+                add("dola", mine, {c: head_target_values(contrast, wanted, c == "logprob", keep,
+                                                         self.relative_top_value, rows=local)
+                                   for c in CONVENTIONS})
             if self.settings:
                 parts.append(ops.partials_logits(logits, evolution_scale=k_max,
                                                  keep_final=self.iterations > 1))
-        out = {label: {c: torch.cat(v) for c, v in by_convention.items()}
-               for label, by_convention in values.items()}
         if self.settings:
-            out.update(self._sled([torch.cat(p) for p in zip(*parts)], targets))
-        return out
+            values.update(self._sled([torch.cat(p) for p in zip(*parts)], targets, source))
+        return values
 
-    def _sled(self, partials, targets):
+    def _sled(self, partials, targets, source):
         """SPEC steps 1-5 for every setting from the partials of the whole vocabulary."""
         a, T = self.adapter, self.iterations
         stats, argmax, values, tokens, premature, final_rows = partials
@@ -191,9 +194,10 @@ class ChoiceScorer:
                     premature[:, :, index[:-1]][None], evolution_scale=s.evolution_scale)
             top_tokens, top_values, delta, softmax = selected[key]
             evolved = evolve(top_values, delta, softmax, s.evolution_rate, T, final_rows,
-                             top_tokens)
-            out[s.label] = {c: sled_target_values(evolved, top_tokens, targets, self.lower_bound,
-                                                  a.vocab, c == "logprob") for c in CONVENTIONS}
+                             top_tokens)[source]
+            out[s.label] = {c: sled_target_values(evolved, top_tokens[source], targets,
+                                                  self.lower_bound, a.vocab, c == "logprob")
+                            for c in CONVENTIONS}
         return out
 
 
@@ -228,6 +232,21 @@ def _first(task_name: str, data, limit) -> list:
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     return tasks.load(task_name, data)[:limit]
+
+
+def _distinct_inputs(ids, row, col):
+    """Positions ``(row, col)`` of ``ids`` whose inputs so far are the same (continuations that
+    begin alike) have the same hidden state: the first of each kind and, per position, which of
+    those it repeats."""
+    first, source, seen = [], [], {}
+    for p, (b, c) in enumerate(zip(row.tolist(), col.tolist())):
+        key = tuple(ids[b, :c + 1].tolist())
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(p)
+        source.append(seen[key])
+    return (torch.tensor(first, device=ids.device, dtype=torch.long),
+            torch.tensor(source, dtype=torch.long))
 
 
 def _common_prefix(sequences) -> int:

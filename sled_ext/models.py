@@ -160,7 +160,8 @@ class Adapter:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own logits for final hidden states (float32), post-processing included."""
         logits = self.head_module(hidden.to(self.weight.device)).float()
-        logits = logits * self.logit_scale
+        if self.logit_scale != 1.0:  # a pass over [rows, V] most models do not need
+            logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -61,15 +61,19 @@ def sled_target_values(values, tokens, targets, lower_bound, vocab, post_softmax
     return chosen - torch.logsumexp(torch.cat(parts, -1), -1)
 
 
-def head_target_values(logits, targets, post_softmax, keep=None, relative_top_value=-1000.0):
-    """Each position's value ``[P]`` for its target token from ``[P, V]`` scores: raw, or
+def head_target_values(logits, targets, post_softmax, keep=None, relative_top_value=-1000.0,
+                       rows=None):
+    """Each target's value ``[P]`` from ``[U, V]`` scores (row ``rows[p]``, or row p): raw, or
     log-softmax with ``post_softmax``; tokens outside ``keep`` (DoLa's relative-top filter) get
     ``relative_top_value`` after the normalisation, as the published ``lm_score``."""
+    targets = targets.to(logits.device)
+    rows = torch.arange(len(targets), device=logits.device) if rows is None else rows
+    values = logits[rows, targets]
     if post_softmax:
-        logits = logits.log_softmax(-1)
+        values = values - logits.logsumexp(-1)[rows]
     if keep is not None:
-        logits = logits.masked_fill(~keep, relative_top_value)
-    return logits.gather(-1, targets[:, None].to(logits.device))[:, 0]
+        values = values.masked_fill(~keep[rows, targets], relative_top_value)
+    return values
 
 
 def _target_scores(scorer: StepScorer, final_hidden, targets, post_softmax, relative_top_value):
