@@ -142,9 +142,10 @@ class ChoiceScorer:
             cache.batch_repeat_interleave(len(pairs))
         ids, mask, row, col = right_padded(pairs, shared, device)
         first, source = _distinct_inputs(ids, row, col)
+        distinct = (row[first], col[first])
         positions = (shared + torch.arange(ids.shape[1], device=device)).expand_as(ids)
-        with a.capture(self.layers, select=lambda hidden: hidden[row[first], col[first]]):
-            final = a.forward(ids, mask, positions, cache)[row[first], col[first]]
+        with a.capture(self.layers, select=lambda hidden: hidden[distinct]):
+            final = a.forward(ids, mask, positions, cache)[distinct]
         premature = a.premature_rows(self.layers, self.premature_norm)
         rows = torch.cat([premature, final.to(premature.device)[None]])
         return rows, ids[row, col + 1], row.cpu(), source.to(rows.device)
@@ -238,9 +239,9 @@ def _distinct_inputs(ids, row, col):
     """Positions ``(row, col)`` of ``ids`` whose inputs so far are the same (continuations that
     begin alike) have the same hidden state: the first of each kind and, per position, which of
     those it repeats."""
-    first, source, seen = [], [], {}
+    first, source, seen, sequences = [], [], {}, ids.tolist()
     for p, (b, c) in enumerate(zip(row.tolist(), col.tolist())):
-        key = tuple(ids[b, :c + 1].tolist())
+        key = tuple(sequences[b][:c + 1])
         if key not in seen:
             seen[key] = len(first)
             first.append(p)
