@@ -1,4 +1,5 @@
-# make demo: set up (venv, torch, build) and run the main job.   make test: the whole test suite.
+# make demo: set up (venv, torch, build) and run the main job.   make test: the whole test suite
+# (and the op tests under each lower x86 level: make test-levels).
 # make cpp-test: the CMake build of the op library for libtorch (C++) users, and its ctest.
 PYTHON_BOOT ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ CMAKE ?= $(VENV)/bin/cmake
 CTEST ?= $(VENV)/bin/ctest
 CMAKE_BUILD_DIR ?= build-cmake
 
-.PHONY: setup build demo test cpp-test bench clean
+.PHONY: setup build demo test test-levels cpp-test bench clean
 
 setup: $(VENV)/.ready
 
@@ -28,7 +29,18 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q python_tests
+	$(MAKE) test-levels
 	$(MAKE) cpp-test
+
+# The op tests again under each lower x86 level this CPU runs (the kernels pick one at load time).
+test-levels: build
+	for level in $$($(PY) -c 'import torch; levels = ["default", "avx2", "avx512"]; \
+	        best = torch.backends.cpu.get_cpu_capability().lower(); \
+	        print(*levels[:levels.index(best)] if best in levels else [])'); do \
+	    echo "ATEN_CPU_CAPABILITY=$$level"; \
+	    ATEN_CPU_CAPABILITY=$$level $(PY) -m pytest -q python_tests/test_ops.py \
+	        python_tests/test_distributed.py || exit 1; \
+	done
 
 cpp-test: setup
 	$(CMAKE) -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_BUILD_TYPE=Release \

@@ -2,11 +2,15 @@
 are present (no GPU needed). Environment overrides:
   SLED_WITH_CUDA=0|1        force the CUDA kernels off or on
   TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0": A100 and H100/H200)
-  SLED_CPU_CAPABILITY       DEFAULT, AVX2 or AVX512: the SIMD set of the CPU kernel (default: what
-                            torch detects on the building machine, so build where you run)
+
+The CPU row kernels (csrc/cpu/simd/) are compiled once per x86 level, DEFAULT, AVX2 and AVX512,
+each with its own flags, and the library picks one at load time from the CPU (as torch does;
+ATEN_CPU_CAPABILITY=default|avx2 forces a lower level). No other file gets ISA flags, so one build
+runs on every x86-64 CPU.
 """
 import glob
 import os
+import platform
 
 # nvcc can be a wrapper script outside the toolkit (/usr/local/bin/nvcc here), which would make torch
 # guess CUDA_HOME=/usr/local; point it at the toolkit unless the user chose one.
@@ -19,17 +23,33 @@ from setuptools import setup
 from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
 
-CPU_FLAGS = {
+# Per level: the flags of torch's own kernels for it (ATen's vec headers read CPU_CAPABILITY_*).
+X86_LEVELS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY_AVX512"],
 }
+SIMD_SOURCES = glob.glob("csrc/cpu/simd/*.cpp")
+ON_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def cpu_capability() -> str:
-    wanted = os.environ.get("SLED_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    return wanted if wanted in CPU_FLAGS else "DEFAULT"
+def levels():
+    return X86_LEVELS if ON_X86 else {"DEFAULT": []}
+
+
+class BuildWithLevels(BuildExtension):
+    """Compiles the SIMD sources once per level, with that level's flags, into its own folder,
+    and links every copy into the extension."""
+
+    def build_extension(self, ext):
+        cxx = ext.extra_compile_args["cxx"]
+        for level, flags in levels().items():
+            ext.extra_objects += self.compiler.compile(
+                SIMD_SOURCES, output_dir=os.path.join(self.build_temp, "simd", level),
+                macros=ext.define_macros, include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": [*cxx, f"-DCPU_CAPABILITY={level}", *flags]})
+        super().build_extension(ext)
 
 
 def with_cuda() -> bool:
@@ -40,9 +60,7 @@ def with_cuda() -> bool:
 
 
 def extension():
-    capability = cpu_capability()
-    cxx = ["-O3", f"-DCPU_CAPABILITY={capability}", *CPU_FLAGS[capability],
-           "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000", *(["-DSLED_X86_LEVELS"] if ON_X86 else [])]
     sources = ["csrc/sled_ops.cpp", "csrc/python_module.cpp", *glob.glob("csrc/cpu/*.cpp")]
     if not with_cuda():
         return CppExtension("sled_ext._C", sources, extra_compile_args={"cxx": cxx},
@@ -59,6 +77,6 @@ def extension():
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildWithLevels},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -279,6 +279,7 @@ TORCH_LIBRARY(sled, m) {
   m.def(
       "combine(Tensor stats, Tensor argmax, Tensor values, Tensor tokens, Tensor premature, "
       "int evolution_scale) -> (Tensor tokens, Tensor values, Tensor delta, Tensor softmax)");
+  m.def("cpu_kernels(ScalarType dtype) -> str", &cpu_kernels);
 }
 
 #define SLED_REGISTER_BACKEND(DISPATCH_KEY, evolve_backend, partials_backend, combine_backend) \

@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 namespace sled {
 
 // The CUDA kernel stages every stacked row of a position group in shared memory; the binding
@@ -52,5 +54,9 @@ Partials partials_cpu(const Problem& problem, int64_t vocab_offset, bool keep_fi
 Partials partials_cuda(const Problem& problem, int64_t vocab_offset, bool keep_final);
 Selection combine_cpu(const Partials& stacked, int64_t k);
 Selection combine_cuda(const Partials& stacked, int64_t k);
+
+// What the CPU backend runs here for a contiguous weight of `dtype` (sled.cpu_kernels): the level
+// of its vector loops and how it projects, "AVX512; brgemm" say.
+std::string cpu_kernels(at::ScalarType dtype);
 
 }  // namespace sled

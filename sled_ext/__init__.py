@@ -4,11 +4,11 @@
 :mod:`sled_ext.reference` is the pure-PyTorch oracle. Decoding and scoring for Hugging Face causal
 LMs (:func:`generate`, :func:`score`) need ``transformers`` and load on first use."""
 from . import reference
-from .ops import (combine, evolve, evolve_logits, evolve_logits_topk, evolve_topk, partials,
-                  partials_logits)
+from .ops import (combine, cpu_kernels, evolve, evolve_logits, evolve_logits_topk, evolve_topk,
+                  partials, partials_logits)
 
 __all__ = ["evolve", "evolve_logits", "evolve_logits_topk", "evolve_topk", "partials",
-           "partials_logits", "combine",
+           "partials_logits", "combine", "cpu_kernels",
            "reference", "generate", "custom_generate", "score", "adapt"]
 
 

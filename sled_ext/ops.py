@@ -62,6 +62,20 @@ def combine(stats, argmax, values, tokens, premature, *, evolution_scale=10):
                                           evolution_scale)
 
 
+def cpu_kernels():
+    """What the CPU backend runs on this machine: ``{"level": "AVX512", "float32": "sgemm",
+    "bfloat16": "brgemm", "float16": ...}``. ``level`` is the instruction set of its vector loops,
+    chosen at load time (``ATEN_CPU_CAPABILITY=default|avx2`` forces a lower one); per weight
+    dtype, how the vocab head is projected: ``"sgemm"`` (float32 BLAS), ``"brgemm"`` (oneDNN's
+    micro-kernel on the CPU's bf16/fp16 matrix or dot-product units, float32 accumulation) or
+    ``"widened to float32, sgemm"``."""
+    info = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        info["level"], info[str(dtype).removeprefix("torch.")] = \
+            torch.ops.sled.cpu_kernels(dtype).split("; ")
+    return info
+
+
 def _topk_outputs(rows, k):
     positions = rows.shape[1]
     return (rows.new_empty((positions, k), dtype=torch.float32),

@@ -1,73 +1,26 @@
 // CPU backend: one pass over the vocab in tiles, chunks of tiles in parallel.
 //
-// Per tile: a BLAS call gives the logits of all R*N rows for the tile's tokens (or they are copied
-// from the logits input), every row is folded into its streaming statistics (sled_math.h) and each
-// position's best final-row tokens are kept with the premature rows' logits there. Chunks are
-// merged in a fixed order, so results do not depend on thread scheduling. [R, N, V] never exists;
-// W is read once.
+// Per tile: the logits of all R*N rows for the tile's tokens come from a matrix product (or are
+// copied from the logits input), every row is folded into its streaming statistics (sled_math.h)
+// and each position's best final-row tokens are kept with the premature rows' logits there. Chunks
+// are merged in a fixed order, so results do not depend on thread scheduling. [R, N, V] never
+// exists; W is read once. The vectorised loops live in row_kernels.h, one copy per x86 level.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "../sled_math.h"
 #include "../sled_problem.h"
+#include "row_kernels.h"
 
 namespace sled {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-
-// ScalarLanes' SIMD twin, so push() folds a vector of tokens at once. Tokens are tile-local and
-// carried as floats (a tile is far below 2^24 tokens).
-struct VecLanes {
-  using Float = Vec;
-  using Index = Vec;
-  using Mask = Vec;
-  static Vec splat(float x) { return Vec(x); }
-  static Vec splat_index(int32_t x) { return Vec(static_cast<float>(x)); }
-  static Vec greater(const Vec& a, const Vec& b) { return a > b; }
-  static Vec select(const Vec& m, const Vec& if_true, const Vec& if_false) {
-    return Vec::blendv(if_false, if_true, m);
-  }
-  static Vec exp_neg_abs(const Vec& x) { return x.abs().neg().exp(); }
-};
-
-// Folds tokens [0, count) of row z (d = z - final) into `stats`; token0 is the first one's id.
-void fold_row(RowStats& stats, const float* z, const float* final_row, int64_t count,
-              int32_t token0) {
-  constexpr int64_t width = Vec::size();
-  RowStatsT<VecLanes> lanes = empty_stats<VecLanes>();
-  Vec token = Vec::arange(0.f, 1.f);
-  int64_t j = 0;
-  for (; j + width <= count; j += width, token = token + Vec(static_cast<float>(width))) {
-    const Vec zv = Vec::loadu(z + j);
-    push(lanes, zv, zv - Vec::loadu(final_row + j), token);
-  }
-  float field[7][width];
-  lanes.max.store(field[0]);
-  lanes.argmax.store(field[1]);
-  lanes.d_at_max.store(field[2]);
-  lanes.rest_sum.store(field[3]);
-  lanes.rest_sq.store(field[4]);
-  lanes.rest_dot.store(field[5]);
-  lanes.d_sq.store(field[6]);
-  for (int64_t lane = 0; lane < width; ++lane) {
-    if (field[1][lane] < 0) continue;
-    const RowStats s{field[0][lane], token0 + static_cast<int32_t>(field[1][lane]),
-                     field[2][lane], field[3][lane], field[4][lane], field[5][lane],
-                     field[6][lane]};
-    stats = merge(stats, s);
-  }
-  for (; j < count; ++j) {
-    RowStats s = empty_stats<ScalarLanes>();
-    push(s, z[j], z[j] - final_row[j], token0 + static_cast<int32_t>(j));
-    stats = merge(stats, s);
-  }
-}
 
 // The best `capacity` tokens of one position's final row seen so far (worst on top of a heap),
 // each with the premature rows' logits at that token.
@@ -131,124 +84,352 @@ struct ChunkResult {
   std::vector<CandidateHeap> heaps;  // [N]
 };
 
-void postprocess(float* z, int64_t count, const float* bias, float scale, float softcap) {
-  const bool scaled = scale != 1.f;
-  if (bias == nullptr && !scaled && softcap == 0.f) return;
-  int64_t j = 0;
-  constexpr int64_t width = Vec::size();
-  for (; j < count; j += width) {
-    const int64_t n = std::min<int64_t>(width, count - j);
-    Vec x = Vec::loadu(z + j, n);
-    if (bias != nullptr) x = x + Vec::loadu(bias + j, n);
-    if (scaled) x = x * Vec(scale);
-    if (softcap != 0.f) x = (x / Vec(softcap)).tanh() * Vec(softcap);
-    x.store(z + j, n);
-  }
+// brgemm (oneDNN's micro-kernel behind at::native::cpublas) multiplies 16-bit A [m, depth] by B
+// in the VNNI layout [depth / 2, n, 2], where each pair of neighbouring values along depth sits
+// together, accumulating in fp32.
+
+// Writes `rows` [n, depth] (16-bit, unit column stride, even depth and row stride) as B for
+// brgemm into the contiguous `out`. A pair is one 32-bit word, so this is a transpose of words.
+void pack_pairs(const at::Tensor& rows, at::Tensor& out) {
+  const int64_t n = rows.size(0), depth = rows.size(1);
+  row_kernels().transpose(reinterpret_cast<const float*>(rows.const_data_ptr()),
+                          rows.stride(0) / 2, reinterpret_cast<float*>(out.data_ptr()), n, n,
+                          depth / 2);
 }
 
-// The [rows, tile] logits of a BLAS call should stay in cache (64K floats) and so should the weight
-// panel (4 MiB read in place; a converted copy is a buffer per thread, so 1 MiB).
+// out [m, n] (row stride n) = a [m, depth] (unit column stride) times b packed by pack_pairs.
+void brgemm_fp32(const at::Tensor& a, const at::Tensor& b, float* out) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
+  const int64_t m = a.size(0), depth = a.size(1), n = b.size(1);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "sled_brgemm", [&] {
+    at::native::cpublas::brgemm(m, n, depth, a.stride(0), n, n, false,
+                                a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), out);
+  });
+#else
+  (void)a, (void)b, (void)out;
+  TORCH_CHECK(false, "sled: this build of torch has no brgemm");
+#endif
+}
+
+// Whether oneDNN's brgemm multiplies `dtype` (bf16 or fp16) here on the CPU's matrix or
+// dot-product instructions (AMX; AVX512-BF16), accumulating in fp32, with B as pack_pairs writes
+// it. Checked once on a small product whose every term and sum is exact, so a torch whose
+// oneDNN lacks the micro-kernel (or reads B otherwise) falls back to the fp32 projection instead
+// of failing or computing something else.
+bool brgemm_multiplies(at::ScalarType dtype) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32) && \
+    defined(SLED_X86_LEVELS)
+  const auto check = [](at::ScalarType dtype) {
+    if (std::strcmp(row_kernels().level, "AVX512") != 0) return false;  // oneDNN needs AVX-512
+    const bool native = at::native::cpublas::could_pack(dtype) ||
+                        (dtype == at::kBFloat16 && __builtin_cpu_supports("avx512bf16"));
+    if (!native) return false;
+    constexpr int64_t m = 3, n = 40, depth = 6;
+    const at::Tensor a = (at::arange(m * depth).view({m, depth}).remainder(5) - 2).to(dtype);
+    const at::Tensor b_rows = (at::arange(n * depth).view({n, depth}).remainder(7) - 3).to(dtype);
+    at::Tensor b = at::empty({depth / 2, n, 2}, b_rows.options());
+    at::Tensor out = at::empty({m, n}, at::kFloat);
+    try {
+      pack_pairs(b_rows, b);
+      brgemm_fp32(a, b, out.data_ptr<float>());
+      at::native::cpublas::brgemm_release();
+    } catch (const std::exception&) {
+      return false;
+    }
+    const at::Tensor expected = at::mm(a.to(at::kFloat), b_rows.to(at::kFloat).t());
+    return at::equal(out, expected);
+  };
+  static const bool bf16 = check(at::kBFloat16), fp16 = check(at::kHalf);
+  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf && fp16;
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+// How the logits of a tile come about: copied from the logits input, or a product of the hidden
+// rows [M, H] with the tile's weight rows in one of three ways.
+enum class Source {
+  kLogits,   // the logits form: copied
+  kFloat,    // fp32 weights read in place by BLAS (sgemm)
+  kWidened,  // other weights widened to fp32 one tile at a time, then sgemm
+  kPacked,   // bf16/fp16 weights and hidden rows multiplied by brgemm (see Projection)
+};
+
+Source weight_source(at::ScalarType dtype, bool unit_stride) {
+  if (dtype == at::kFloat && unit_stride) return Source::kFloat;
+  return dtype != at::kFloat && brgemm_multiplies(dtype) ? Source::kPacked : Source::kWidened;
+}
+
+// The [rows, tile] logits of one product should stay in cache (64K floats), and so should the
+// weight panel: 4 MiB read in place, 1 MiB when a thread converts or packs it into a buffer.
 constexpr int64_t kLogitsBudget = 64 * 1024;
+constexpr int64_t kPanelBytesInPlace = 4 << 20, kPanelBytesBuffered = 1 << 20;
 // Many positions are projected in groups, so that tiles stay wide: a narrow tile re-reads all the
 // hidden rows for few tokens (at R * N = 2883 rows, 16-column tiles made the op twice the GEMM).
 constexpr int64_t kMinGroupColumns = 512;
+// A chunk's tokens are carried as floats in the vector lanes (row_kernels.h): at most 2^24.
+constexpr int64_t kMaxChunkTokens = int64_t{1} << 24;
+// brgemm's B columns come in blocks of 16 (an AMX tile): packed hidden rows are padded to it.
+constexpr int64_t kBrgemmBlock = 16;
+// The hidden rows are the packed operand while H is this many times their (padded) count: packing
+// them is then cheaper, and brgemm streams the weight tile fastest as its A operand (measured on
+// Sapphire Rapids, AMX: 17 rows at H = 2048 0.9x torch's bf16 GEMM against 1.3x with packed
+// weights; 136 rows 1.3x against 1.5x).
+constexpr int64_t kPackHiddenRatio = 8;
 
 // Positions per group: all of them when their rows leave tiles wide enough, else as many as do.
 int64_t group_positions(int64_t R, int64_t N) {
   return std::clamp<int64_t>(kLogitsBudget / (R * kMinGroupColumns), 1, std::max<int64_t>(N, 1));
 }
 
-// Columns per tile for `rows` rows per BLAS call.
-int64_t tile_columns(int64_t rows, int64_t hidden, bool converts_weight) {
+// Columns per tile for `rows` rows per product and a weight panel of `column_bytes` per column.
+int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
   const int64_t by_logits = kLogitsBudget / std::max<int64_t>(rows, 1);
-  const int64_t panel = converts_weight ? 256 * 1024 : 1024 * 1024;
-  const int64_t by_weight = hidden > 0 ? panel / hidden : 4096;
+  const int64_t panel = buffered ? kPanelBytesBuffered : kPanelBytesInPlace;
+  const int64_t by_weight = column_bytes > 0 ? panel / column_bytes : 4096;
   const int64_t cols = std::min(by_logits, by_weight) / 16 * 16;
   return std::clamp<int64_t>(cols, 16, 4096);
 }
 
-// Softmax of x: its maximum and sum over j of exp(x_j - max).
-std::pair<float, float> softmax_stats(const float* x, int64_t count) {
-  const float max = at::vec::reduce_all<float>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, x, count);
-  const float total = at::vec::map_reduce_all<float>(
-      [max](const Vec& a) { return (a - Vec(max)).exp(); },
-      [](const Vec& a, const Vec& b) { return a + b; }, x, count);
-  return {max, total};
+// How a call's products are laid out: the tile size and, for brgemm, which operand is packed.
+// brgemm reads its A operand in place and B packed:
+//  - few rows (decoding): the hidden rows are packed once per call as B and the weight tile is A,
+//    read straight from memory; the product comes out transposed, [tile, rows], and is turned
+//    back (rows * tile words, far fewer than the tile's H / 2 * tile);
+//  - many rows (scoring): each weight tile is packed as B once and serves every group.
+struct Projection {
+  Source source;
+  int64_t group;   // positions per product
+  int64_t depth;   // H, rounded up to even for brgemm (zero-padded)
+  int64_t tile;    // weight rows per tile
+  bool packs_hidden = false;
+  int64_t columns = 0;  // packed hidden rows per group (a multiple of kBrgemmBlock)
+
+  explicit Projection(const Problem& p) {
+    const int64_t R = p.num_rows, N = p.positions, H = p.rows.size(2);
+    source = p.projects() ? weight_source(p.weight.scalar_type(), p.weight.stride(1) == 1)
+                          : Source::kLogits;
+    group = std::min(N, group_positions(R, N));
+    depth = source == Source::kPacked ? H + H % 2 : H;
+    const int64_t rows = group * R;
+    switch (source) {
+      case Source::kLogits:
+        tile = tile_columns(rows, 0, false);
+        break;
+      case Source::kFloat:
+      case Source::kWidened:
+        tile = tile_columns(rows, H * 4, source == Source::kWidened);
+        break;
+      case Source::kPacked: {
+        columns = (rows + kBrgemmBlock - 1) / kBrgemmBlock * kBrgemmBlock;
+        const int64_t groups = (N + group - 1) / group;
+        packs_hidden = groups * columns * kPackHiddenRatio <= depth;
+        tile = packs_hidden ? tile_columns(columns, depth * p.weight.element_size(), false)
+                            : tile_columns(rows, depth * p.weight.element_size(), true);
+        break;
+      }
+    }
+  }
+};
+
+// The hidden rows as the products read them, position-major (row r of position n at n * R + r)
+// so that a group of positions is a block of consecutive rows: [M, H] fp32 for sgemm; for brgemm
+// [M, depth] in the input dtype, or, when they are the packed operand, each group's rows padded
+// to `columns` and packed: [groups, depth / 2, columns, 2].
+at::Tensor hidden_rows(const Problem& p, const Projection& how) {
+  if (how.source == Source::kLogits) return at::Tensor();
+  const int64_t R = p.num_rows, N = p.positions, M = R * N, H = p.rows.size(2);
+  const at::Tensor rows = p.rows.transpose(0, 1).reshape({M, H});
+  if (how.source != Source::kPacked) return rows.to(at::kFloat).contiguous();
+  if (!how.packs_hidden) {
+    if (how.depth == H) return rows.contiguous();
+    at::Tensor padded = at::zeros({M, how.depth}, rows.options());
+    padded.narrow(1, 0, H).copy_(rows);
+    return padded;
+  }
+  const int64_t groups = (N + how.group - 1) / how.group;
+  at::Tensor padded = at::zeros({how.columns, how.depth}, rows.options());
+  at::Tensor packed = at::empty({groups, how.depth / 2, how.columns, 2}, rows.options());
+  for (int64_t i = 0; i < groups; ++i) {
+    const int64_t first = i * how.group * R, count = std::min(how.group * R, M - first);
+    padded.narrow(0, 0, count).narrow(1, 0, H).copy_(rows.narrow(0, first, count));
+    if (count < how.columns) padded.narrow(0, count, how.columns - count).zero_();
+    at::Tensor out = packed[i];
+    pack_pairs(padded, out);
+  }
+  return packed;
 }
 
+// The logits of the tile [v0, v0 + cols) for the rows of one group of positions, written as
+// [rows, cols]. One per thread: it owns the thread's buffers.
+class TileProjector {
+ public:
+  TileProjector(const Problem& p, const Projection& how, const at::Tensor& hidden)
+      : p_(p), how_(how), hidden_(hidden) {
+    const int64_t tile = how.tile, H = p.rows.size(2);
+    switch (how.source) {
+      case Source::kWidened:
+        weight_rows_ = at::empty({tile, H}, at::kFloat);
+        break;
+      case Source::kPacked:
+        // The weight rows are read in place unless their depth must be padded or their stride
+        // does not allow it.
+        if (how.depth != H || p.weight.stride(1) != 1 || p.weight.stride(0) % 2 != 0)
+          weight_rows_ = at::zeros({tile, how.depth}, p.weight.options());
+        if (how.packs_hidden)
+          transposed_ = at::empty({tile, how.columns}, at::kFloat);
+        else
+          packed_weight_ = at::empty({how.depth * tile}, p.weight.options());
+        break;
+      case Source::kLogits:
+      case Source::kFloat:
+        break;
+    }
+  }
+
+  ~TileProjector() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+    if (how_.source == Source::kPacked) at::native::cpublas::brgemm_release();
+#endif
+  }
+
+  // Prepares the weight rows [v0, v0 + cols) for the products of this tile.
+  void load_tile(int64_t v0, int64_t cols) {
+    v0_ = v0;
+    cols_ = cols;
+    if (how_.source == Source::kLogits) return;
+    const at::Tensor w = p_.weight.narrow(0, v0, cols);
+    if (weight_rows_.defined()) {
+      weight_ = weight_rows_.narrow(0, 0, cols);
+      weight_.narrow(1, 0, w.size(1)).copy_(w);
+    } else {
+      weight_ = w;
+    }
+    if (how_.source == Source::kPacked && !how_.packs_hidden) {
+      tile_pairs_ = packed_weight_.narrow(0, 0, how_.depth * cols).view({how_.depth / 2, cols, 2});
+      pack_pairs(weight_, tile_pairs_);
+    }
+  }
+
+  // Group `group` of positions: rows [row0, row0 + rows) of the position-major hidden rows.
+  void project(int64_t group, int64_t row0, int64_t rows, float* out) const {
+    at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
+    switch (how_.source) {
+      case Source::kLogits: {
+        const int64_t R = p_.num_rows;
+        logits.view({rows / R, R, cols_})
+            .copy_(p_.rows.narrow(1, row0 / R, rows / R).narrow(2, v0_, cols_).transpose(0, 1));
+        break;
+      }
+      case Source::kFloat:
+      case Source::kWidened:
+        at::mm_out(logits, hidden_.narrow(0, row0, rows), weight_.t());
+        break;
+      case Source::kPacked:
+        if (how_.packs_hidden) {
+          float* transposed = transposed_.data_ptr<float>();
+          brgemm_fp32(weight_, hidden_[group], transposed);
+          row_kernels().transpose(transposed, how_.columns, out, cols_, cols_, rows);
+        } else {
+          brgemm_fp32(hidden_.narrow(0, row0, rows), tile_pairs_, out);
+        }
+        break;
+    }
+  }
+
+ private:
+  const Problem& p_;
+  const Projection& how_;
+  at::Tensor hidden_;
+  at::Tensor weight_rows_, packed_weight_, transposed_;  // this thread's buffers
+  at::Tensor weight_, tile_pairs_;                       // the current tile
+  int64_t v0_ = 0, cols_ = 0;
+};
+
 }  // namespace
+
+std::string cpu_kernels(at::ScalarType dtype) {
+  const char* projection = "";
+  switch (weight_source(dtype, true)) {
+    case Source::kFloat: projection = "sgemm"; break;
+    case Source::kWidened: projection = "widened to float32, sgemm"; break;
+    case Source::kPacked: projection = "brgemm"; break;
+    case Source::kLogits: break;
+  }
+  return std::string(row_kernels().level) + "; " + projection;
+}
 
 Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
   const int64_t R = p.num_rows, N = p.positions, V = p.vocab, M = R * N, L = R - 1, k = p.k;
   const auto f32 = p.rows.options().dtype(at::kFloat);
-  const bool projects = p.projects();
-  const int64_t H = projects ? p.weight.size(1) : 0;
-  // Position-major ([N, R] rows), so a group of positions is a block of consecutive rows.
-  const at::Tensor hidden =
-      projects ? p.rows.transpose(0, 1).reshape({M, H}).to(at::kFloat).contiguous()
-               : at::Tensor();
+  const RowKernels& kernels = row_kernels();
+  const Projection how(p);
+  const at::Tensor hidden = hidden_rows(p, how);
   const at::Tensor bias =
       p.bias.defined() ? p.bias.to(at::kFloat).contiguous() : at::Tensor();
-  // BLAS reads fp32 weights in place; other dtypes or strides are converted one tile at a time.
-  const bool weight_in_place =
-      projects && p.weight.scalar_type() == at::kFloat && p.weight.stride(1) == 1;
   const float scale = static_cast<float>(p.logit_scale);
   const float softcap = static_cast<float>(p.softcap);
   at::Tensor final_rows = at::empty({N, keep_final ? V : 0}, f32);
 
-  const int64_t group = std::min(N, group_positions(R, N));
-  const int64_t tile = tile_columns(group * R, H, projects && !weight_in_place);
+  const int64_t group = how.group, tile = how.tile;
   const int64_t tiles = (V + tile - 1) / tile;
-  const int64_t chunks = std::min<int64_t>(tiles, std::max<int64_t>(16, at::get_num_threads()));
+  const int64_t chunks = std::min<int64_t>(
+      tiles, std::max({int64_t{16}, 4 * int64_t{at::get_num_threads()},
+                       (tiles + kMaxChunkTokens / tile - 1) / (kMaxChunkTokens / tile)}));
   std::vector<ChunkResult> results(chunks);
 
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    at::Tensor logits = at::empty({group * R * tile}, f32);
-    at::Tensor weight_tile =
-        projects && !weight_in_place ? at::empty({tile * H}, f32) : at::Tensor();
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+  // Threads take chunks as they finish the last one, so a thread slowed by another process (or
+  // by a busier chunk) does not hold the others up; results stay in chunk order.
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    TileProjector projector(p, how, hidden);
+    std::vector<float> logits(group * R * tile);
+    std::vector<float> lanes(M * kernels.lane_state_floats);
+    for (int64_t chunk; (chunk = next_chunk++) < chunks;) {
       ChunkResult& result = results[chunk];
       result.stats.assign(M, empty_stats<ScalarLanes>());
+      kernels.clear_lanes(lanes.data(), M);
       const int64_t first_tile = chunk * tiles / chunks, last_tile = (chunk + 1) * tiles / chunks;
-      const int64_t chunk_tokens = std::min(V, last_tile * tile) - first_tile * tile;
+      const int64_t chunk_v0 = first_tile * tile;
+      const int64_t chunk_tokens = std::min(V, last_tile * tile) - chunk_v0;
       result.heaps.clear();
       for (int64_t n = 0; n < N; ++n) result.heaps.emplace_back(std::min(k, chunk_tokens), L);
 
       for (int64_t t = first_tile; t < last_tile; ++t) {
         const int64_t v0 = t * tile, cols = std::min(tile, V - v0);
-        at::Tensor w;
-        if (projects) {
-          w = p.weight.narrow(0, v0, cols);
-          if (!weight_in_place) w = weight_tile.narrow(0, 0, cols * H).view({cols, H}).copy_(w);
-        }
+        projector.load_tile(v0, cols);
         const float* tile_bias = bias.defined() ? bias.data_ptr<float>() + v0 : nullptr;
         const int32_t token0 = static_cast<int32_t>(vocab_offset + v0);
         for (int64_t n0 = 0; n0 < N; n0 += group) {
           // Logits of positions [n0, n0 + g): row r of position n at ((n - n0) * R + r) * cols.
           const int64_t g = std::min(group, N - n0), rows = g * R;
-          at::Tensor out = logits.narrow(0, 0, rows * cols).view({rows, cols});
-          if (projects) {
-            at::mm_out(out, hidden.narrow(0, n0 * R, rows), w.t());
-          } else {
-            out.view({g, R, cols}).copy_(p.rows.narrow(1, n0, g).narrow(2, v0, cols)
-                                             .transpose(0, 1));
-          }
-          float* z = out.data_ptr<float>();
+          float* z = logits.data();
+          projector.project(n0 / group, n0 * R, rows, z);
           for (int64_t m = 0; m < rows; ++m)
-            postprocess(z + m * cols, cols, tile_bias, scale, softcap);
+            kernels.postprocess(z + m * cols, cols, tile_bias, scale, softcap);
 
           for (int64_t n = n0; n < n0 + g; ++n) {
             const float* position = z + (n - n0) * R * cols;
             const float* final_row = position + (R - 1) * cols;
-            for (int64_t r = 0; r < R; ++r)
-              fold_row(result.stats[r * N + n], position + r * cols, final_row, cols, token0);
+            for (int64_t r = 0; r < R; ++r) {
+              const int64_t row = n * R + r;
+              kernels.fold_row(lanes.data() + row * kernels.lane_state_floats,
+                               result.stats[r * N + n], position + r * cols, final_row, cols,
+                               v0 - chunk_v0, token0);
+            }
             result.heaps[n].offer(final_row, position, cols, cols, token0);
             if (keep_final)
               std::copy(final_row, final_row + cols, final_rows.data_ptr<float>() + n * V + v0);
           }
         }
       }
+      const int32_t chunk_token0 = static_cast<int32_t>(vocab_offset + chunk_v0);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t r = 0; r < R; ++r)
+          kernels.merge_lanes(lanes.data() + (n * R + r) * kernels.lane_state_floats,
+                              result.stats[r * N + n], chunk_token0);
     }
   });
 
@@ -376,6 +557,7 @@ Candidates evolve_cpu(const Problem& p) {
       {parts.stats.unsqueeze(0), parts.argmax.unsqueeze(0), parts.values.unsqueeze(0),
        parts.tokens.unsqueeze(0), parts.premature.unsqueeze(0), at::Tensor()},
       k);
+  const RowKernels& kernels = row_kernels();
   at::Tensor values = sel.values.clone();
   at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t n = n_begin; n < n_end; ++n) {
@@ -387,13 +569,12 @@ Candidates evolve_cpu(const Problem& p) {
       float softmax_sum = sel.softmax.data_ptr<float>()[n * 2 + 1];
       float* row = p.iterations > 1 ? parts.final_rows.data_ptr<float>() + n * V : nullptr;
       for (int64_t t = 0; t < p.iterations; ++t) {
-        if (t > 0) std::tie(max, softmax_sum) = softmax_stats(row, V);
+        if (t > 0) kernels.softmax_stats(row, V, max, softmax_sum);
         const float eta = step_size(p.rate, t, p.iterations);
         for (int64_t i = 0; i < k; ++i)
           x_k[i] = evolve_step(x_k[i], std::exp(x_k[i] - max) / softmax_sum, delta[i], eta);
         if (t + 1 == p.iterations) break;
-        const Vec m(max), sum(softmax_sum), step(eta);
-        at::vec::map([=](Vec x) { return x - step * ((x - m).exp() / sum); }, row, row, V);
+        kernels.evolve_row(row, V, max, softmax_sum, eta);
         for (int64_t i = 0; i < k; ++i) row[tokens[i]] = x_k[i];
       }
       if (p.full.defined()) {

@@ -1,0 +1,48 @@
+// The CPU kernel's vectorised inner loops, compiled once per x86 instruction-set level (DEFAULT,
+// AVX2, AVX512: simd/row_kernels_simd.cpp, each copy in namespace sled::<level>) and chosen once
+// at load time from the CPU, as ATen's DispatchStub does; ATEN_CPU_CAPABILITY forces a lower level.
+// Only those copies are built with ISA flags, so the rest of the library runs on any x86-64 CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "../sled_math.h"
+
+namespace sled {
+
+struct RowKernels {
+  const char* level;  // "DEFAULT", "AVX2" or "AVX512"
+  // Floats of one row's vector-lane statistics (RowStatsT over SIMD lanes, kept across tiles).
+  int64_t lane_state_floats;
+
+  // Sets `rows` rows of lane statistics to empty.
+  void (*clear_lanes)(float* lanes, int64_t rows);
+  // Folds tokens [0, count) of logit row z (d = z - final_row) into the row's lane statistics.
+  // The tile's first token is `tile_offset` tokens after the chunk's first one (< 2^24, so lane
+  // tokens stay exact as floats); a tail narrower than a vector goes straight into `stats`, whose
+  // tokens are global (`first_token` is the tile's first one).
+  void (*fold_row)(float* lanes, RowStats& stats, const float* z, const float* final_row,
+                   int64_t count, int64_t tile_offset, int32_t first_token);
+  // Merges a row's lane statistics into `stats`; `chunk_first_token` is the global id of token 0.
+  void (*merge_lanes)(const float* lanes, RowStats& stats, int32_t chunk_first_token);
+  // z = softcap * tanh(scale * (z + bias) / softcap) in place (bias may be null, softcap 0: off).
+  void (*postprocess)(float* z, int64_t count, const float* bias, float scale, float softcap);
+  // The maximum of x and the sum over j of exp(x_j - max).
+  void (*softmax_stats)(const float* x, int64_t count, float& max, float& total);
+  // One evolution step on a whole row (SPEC step 5): x -= eta * exp(x - max) / total.
+  void (*evolve_row)(float* x, int64_t count, float max, float total, float eta);
+  // dst[j * ld_dst + i] = src[i * ld_src + j] for a [rows, cols] matrix of 32-bit words (floats
+  // carry the bits: only moves and shuffles touch them).
+  void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
+                    int64_t cols);
+};
+
+// The copies that were compiled (row_kernels_simd.cpp) and the one this CPU runs.
+namespace DEFAULT { const RowKernels& row_kernels(); }
+#if defined(SLED_X86_LEVELS)
+namespace AVX2 { const RowKernels& row_kernels(); }
+namespace AVX512 { const RowKernels& row_kernels(); }
+#endif
+const RowKernels& row_kernels();
+
+}  // namespace sled

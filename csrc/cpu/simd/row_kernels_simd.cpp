@@ -1,0 +1,128 @@
+// The CPU kernel's vectorised inner loops (row_kernels.h), compiled once per instruction-set level
+// with -DCPU_CAPABILITY=<level> and that level's flags. Everything here lives in sled::<level>, as
+// ATen's at::vec::<level>, so the copies never meet; include nothing that defines out-of-line code.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "../row_kernels.h"
+
+namespace sled {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kWidth = Vec::size();
+
+// ScalarLanes' SIMD twin, so push() folds a vector of tokens at once. Tokens are carried as floats
+// relative to the chunk's first token (exact below 2^24).
+struct VecLanes {
+  using Float = Vec;
+  using Index = Vec;
+  using Mask = Vec;
+  static Vec splat(float x) { return Vec(x); }
+  static Vec splat_index(int32_t x) { return Vec(static_cast<float>(x)); }
+  static Vec greater(const Vec& a, const Vec& b) { return a > b; }
+  static Vec select(const Vec& m, const Vec& if_true, const Vec& if_false) {
+    return Vec::blendv(if_false, if_true, m);
+  }
+  static Vec exp_neg_abs(const Vec& x) { return x.abs().neg().exp(); }
+};
+using LaneStats = RowStatsT<VecLanes>;
+constexpr int kLaneFields = 7;  // the fields of RowStatsT, in declaration order
+
+LaneStats load_lanes(const float* s) {
+  return {Vec::loadu(s), Vec::loadu(s + kWidth), Vec::loadu(s + 2 * kWidth),
+          Vec::loadu(s + 3 * kWidth), Vec::loadu(s + 4 * kWidth), Vec::loadu(s + 5 * kWidth),
+          Vec::loadu(s + 6 * kWidth)};
+}
+
+void store_lanes(const LaneStats& l, float* s) {
+  l.max.store(s);
+  l.argmax.store(s + kWidth);
+  l.d_at_max.store(s + 2 * kWidth);
+  l.rest_sum.store(s + 3 * kWidth);
+  l.rest_sq.store(s + 4 * kWidth);
+  l.rest_dot.store(s + 5 * kWidth);
+  l.d_sq.store(s + 6 * kWidth);
+}
+
+void clear_lanes(float* lanes, int64_t rows) {
+  const LaneStats empty = empty_stats<VecLanes>();
+  for (int64_t m = 0; m < rows; ++m) store_lanes(empty, lanes + m * kLaneFields * kWidth);
+}
+
+void fold_row(float* lanes, RowStats& stats, const float* z, const float* final_row,
+              int64_t count, int64_t tile_offset, int32_t first_token) {
+  LaneStats s = load_lanes(lanes);
+  Vec token = Vec::arange(static_cast<float>(tile_offset), 1.f);
+  int64_t j = 0;
+  for (; j + kWidth <= count; j += kWidth, token = token + Vec(static_cast<float>(kWidth))) {
+    const Vec zv = Vec::loadu(z + j);
+    push(s, zv, zv - Vec::loadu(final_row + j), token);
+  }
+  store_lanes(s, lanes);
+  for (; j < count; ++j) {
+    RowStats one = empty_stats<ScalarLanes>();
+    push(one, z[j], z[j] - final_row[j], first_token + static_cast<int32_t>(j));
+    stats = merge(stats, one);
+  }
+}
+
+void merge_lanes(const float* lanes, RowStats& stats, int32_t chunk_first_token) {
+  for (int64_t lane = 0; lane < kWidth; ++lane) {
+    const auto field = [&](int f) { return lanes[f * kWidth + lane]; };
+    if (field(1) < 0) continue;  // an empty lane
+    stats = merge(stats, RowStats{field(0), chunk_first_token + static_cast<int32_t>(field(1)),
+                                  field(2), field(3), field(4), field(5), field(6)});
+  }
+}
+
+void postprocess(float* z, int64_t count, const float* bias, float scale, float softcap) {
+  const bool scaled = scale != 1.f;
+  if (bias == nullptr && !scaled && softcap == 0.f) return;
+  for (int64_t j = 0; j < count; j += kWidth) {
+    const int64_t n = std::min<int64_t>(kWidth, count - j);
+    Vec x = Vec::loadu(z + j, n);
+    if (bias != nullptr) x = x + Vec::loadu(bias + j, n);
+    if (scaled) x = x * Vec(scale);
+    if (softcap != 0.f) x = (x / Vec(softcap)).tanh() * Vec(softcap);
+    x.store(z + j, n);
+  }
+}
+
+void softmax_stats(const float* x, int64_t count, float& max, float& total) {
+  max = at::vec::reduce_all<float>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, x, count);
+  const Vec m(max);
+  total = at::vec::map_reduce_all<float>([m](const Vec& a) { return (a - m).exp(); },
+                                         [](const Vec& a, const Vec& b) { return a + b; }, x,
+                                         count);
+}
+
+void evolve_row(float* x, int64_t count, float max, float total, float eta) {
+  const Vec m(max), sum(total), step(eta);
+  at::vec::map([=](Vec v) { return v - step * ((v - m).exp() / sum); }, x, x, count);
+}
+
+void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
+               int64_t cols) {
+  at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(rows),
+                                static_cast<int>(cols));
+}
+
+}  // namespace
+
+#define SLED_STRINGIFY_(x) #x
+#define SLED_STRINGIFY(x) SLED_STRINGIFY_(x)
+
+const RowKernels& row_kernels() {
+  static const RowKernels kernels{SLED_STRINGIFY(CPU_CAPABILITY), kLaneFields * kWidth,
+                                  clear_lanes, fold_row, merge_lanes, postprocess,
+                                  softmax_stats, evolve_row, transpose};
+  return kernels;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace sled

@@ -1,0 +1,131 @@
+"""One build for every x86-64 CPU: the row kernels are compiled once per instruction-set level and
+picked at load time (ATEN_CPU_CAPABILITY forces a lower level); bf16 goes through oneDNN's brgemm
+where the CPU multiplies it natively. Each level runs in a subprocess, as the level is fixed at
+load. (`make test` also runs the whole op suite under each lower level.)"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sled_ext
+
+LEVELS = ["DEFAULT", "AVX2", "AVX512"]
+BEST = torch.backends.cpu.get_cpu_capability()
+RUNNABLE = LEVELS[:LEVELS.index(BEST) + 1] if BEST in LEVELS else ["DEFAULT"]
+HERE = Path(__file__).resolve().parent
+
+
+def run_python(code, **env):
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=HERE, env={**os.environ, **env}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def kernels_under(**env):
+    return json.loads(run_python("import json, sled_ext; print(json.dumps(sled_ext.cpu_kernels()))",
+                                 **env).splitlines()[-1])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_forced_level_is_the_one_that_runs(level):
+    if level not in RUNNABLE:
+        pytest.skip(f"this CPU runs at most {BEST}")
+    info = kernels_under(ATEN_CPU_CAPABILITY=level.lower())
+    assert info["level"] == level
+    assert info["float32"] == "sgemm"
+    if level != "AVX512":  # oneDNN's micro-kernel needs AVX-512; below it bf16 is widened
+        assert info["bfloat16"] == info["float16"] == "widened to float32, sgemm"
+
+
+def test_the_best_level_is_torchs():
+    assert sled_ext.cpu_kernels()["level"] == (BEST if BEST in LEVELS else "DEFAULT")
+
+
+def functions_with_vector_extensions(library):
+    """Demangled names of the library's functions that hold an AVX/AVX-512 instruction: a VEX or
+    EVEX mnemonic (v...), a mask-register op (k...) or a ymm/zmm/k register."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(library)],
+                             capture_output=True, text=True, check=True).stdout
+    found, current = set(), None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            current = header.group(1)
+            continue
+        fields = line.split("\t")
+        if current is None or len(fields) < 2 or not fields[1].split():
+            continue
+        mnemonic = fields[1].split()[0]
+        if mnemonic[0] in "vk" or re.search(r"%(ymm|zmm|k[0-7])\b", line):
+            found.add(current)
+    return found
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_only_the_level_copies_hold_vector_extension_code():
+    """Code outside the AVX2/AVX512 copies runs on any x86-64 CPU: no AVX instruction there,
+    not even one an inline function brought in from a header."""
+    if not re.match(r"x86_64|amd64", os.uname().machine, re.I):
+        pytest.skip("x86-64 only")
+    wide = functions_with_vector_extensions(sled_ext._C.__file__)
+    outside = sorted(f for f in wide if not re.search(r"(^|::)(AVX2|AVX512)::", f))
+    assert any("sled::AVX512::" in f for f in wide), "no AVX-512 copy of the row kernels found"
+    assert outside == [], f"AVX code outside the level copies: {outside[:10]}"
+
+
+# Exactness of the bf16 brgemm path in both orientations (few rows: the hidden rows are packed;
+# many rows: the weight tile is), odd H (padded depth), a strided weight, bias, soft-cap, T = 10,
+# and the two-phase form.
+BRGEMM_CHECK = r"""
+import json, math, torch, sled_ext
+from sled_ext import reference as ref
+from tolerance import assert_matches_reference
+torch.manual_seed(0)
+info = sled_ext.cpu_kernels()
+cases = [dict(R=17, N=1, H=256, V=3001), dict(R=5, N=40, H=64, V=2000),
+         dict(R=3, N=2, H=33, V=517), dict(R=2, N=7, H=16, V=100)]
+for c in cases:
+    for strided in (False, True):
+        R, N, H, V = c["R"], c["N"], c["H"], c["V"]
+        hidden = (torch.randn(R, N, H).cumsum(0) / math.sqrt(R)).bfloat16()
+        weight = (torch.randn(V, 2 * H) * (2 / math.sqrt(H))).bfloat16()
+        weight = weight[:, ::2] if strided else weight[:, :H].contiguous()
+        bias = torch.randn(V).bfloat16()
+        for T, softcap in ((1, 0.0), (10, 30.0)):
+            out = sled_ext.evolve(hidden, weight, bias, evolution_scale=10, iterations=T,
+                                  softcap=softcap)
+            expected = ref.evolve(hidden.double(), weight.double(), bias.double(), 10, 2.0,
+                                  -1000.0, iterations=T, softcap=softcap)
+            assert_matches_reference(out, expected, 10, -1000.0)
+        parts = sled_ext.partials(hidden, weight, bias, vocab_offset=0, evolution_scale=10)
+        tokens, values, delta, _ = sled_ext.combine(*(t.unsqueeze(0) for t in parts[:5]),
+                                                    evolution_scale=10)
+        full = sled_ext.evolve(hidden, weight, bias, evolution_scale=10, evolution_rate=0.0)
+        assert torch.equal(full.gather(1, tokens), values)
+print(json.dumps(info))
+"""
+
+
+def amx_or_avx512_bf16():
+    flags = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
+        else {}
+    return bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
+
+
+@pytest.mark.parametrize("onednn_isa", ["", "AVX512_CORE_BF16"],
+                         ids=["best (AMX here when present)", "AVX512_CORE_BF16 (no AMX)"])
+def test_bf16_through_brgemm_is_exact(onednn_isa):
+    """The matrix-unit path against the float64 reference; capping oneDNN at AVX512-BF16 runs
+    the path of CPUs with bf16 dot products but no AMX (AMD Zen 4, Intel Cooper Lake)."""
+    if BEST != "AVX512" or not amx_or_avx512_bf16():
+        pytest.skip("needs AVX-512 with AMX or AVX512-BF16")
+    env = {"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}
+    info = json.loads(run_python(BRGEMM_CHECK, **env).splitlines()[-1])
+    assert info["bfloat16"] == "brgemm"
