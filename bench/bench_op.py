@@ -5,6 +5,8 @@ Methods, all on the same inputs in the same run (rate 2.0, lower bound -1000):
   fused       sled_ext.evolve(hidden, weight, None, evolution_scale=k)
   gemm        hidden.reshape(R*N, H) @ weight.T in the input dtype: the floor of any method that
               needs every row's logits (CPU mode)
+  unfused     sled_ext.evolve_logits(gemm(...)): torch's GEMM in the input dtype, then the op's
+              logits form on its [R, N, V] output (CPU mode)
   final-row   hidden[-1] @ weight.T, one plain vocab-head matmul of the final rows, W read once:
               what decoding without SLED costs (CUDA mode, instead of gemm)
   reference   sled_ext.reference.evolve(hidden, weight, None, k, 2.0, -1000.0): one vocab-head call
@@ -30,8 +32,11 @@ Peak extra memory (--memory, on by default; --no-memory skips it):
 The reference is skipped for a case (with a note) when its estimated [L, k, V] float32 tensor set,
 the p_l - e_i tensor and cosine_similarity's three temporaries, exceeds --reference-limit-gb.
 
-Defaults:  CPU   shapes llama-3.2-1b, tinyllama, llama-3-8b; N 1 8; k 10 75; float32 and
-                 bfloat16; 5 repeats, 1 for the reference. About 30-40 minutes on 2 cores.
+Defaults:  CPU   shapes llama-3.2-1b, tinyllama, llama-3-8b; N 1 8; k 10 75; float32, bfloat16
+                 and float16; 5 repeats, 1 for the reference. About an hour on 2 cores
+                 (--no-memory --reference-limit-gb 0: fused, gemm and unfused only, ~15 min).
+The header names the CPU, torch's ISA level and what the op runs there (sled_ext.cpu_kernels():
+the level of its vector loops and, per dtype, sgemm, brgemm or widened-to-fp32 sgemm).
            CUDA  llama-3-8b, bfloat16; N 1 8 32; k 10 75; 20 repeats, 3 for the reference.
 --quick: tinyllama and k 10 only, 3 repeats (about 1.5 minutes on 2 CPU cores).
 Explicit flags override both. Results go to --json, by default
@@ -65,7 +70,7 @@ from sled_ext.cli import DTYPES, SHAPES
 RATE, LOWER_BOUND = 2.0, -1000.0
 DEFAULTS = {
     "cpu": dict(shapes=["llama-3.2-1b", "tinyllama", "llama-3-8b"], batch=[1, 8], k=[10, 75],
-                dtypes=["float32", "bfloat16"], repeats=5, reference_repeats=1),
+                dtypes=["float32", "bfloat16", "float16"], repeats=5, reference_repeats=1),
     "cuda": dict(shapes=["llama-3-8b"], batch=[1, 8, 32], k=[10, 75], dtypes=["bfloat16"],
                  repeats=20, reference_repeats=3),
 }
@@ -83,6 +88,12 @@ def gemm(hidden, weight, k):
     return hidden.reshape(-1, hidden.shape[-1]) @ weight.T
 
 
+def unfused(hidden, weight, k):
+    logits = gemm(hidden, weight, k).view(*hidden.shape[:2], weight.shape[0])
+    return sled_ext.evolve_logits(logits, evolution_scale=k, evolution_rate=RATE,
+                                  evolution_lower_bound=LOWER_BOUND)
+
+
 def final_row(hidden, weight, k):
     return hidden[-1] @ weight.T
 
@@ -91,8 +102,10 @@ def slow_reference(hidden, weight, k):
     return reference.evolve(hidden, weight, None, k, RATE, LOWER_BOUND)
 
 
-METHODS = {"fused": fused, "gemm": gemm, "final-row": final_row, "reference": slow_reference}
+METHODS = {"fused": fused, "gemm": gemm, "unfused": unfused, "final-row": final_row,
+           "reference": slow_reference}
 BASELINE = {"cpu": "gemm", "cuda": "final-row"}
+SECOND_BASELINE = {"cpu": "unfused", "cuda": None}
 
 
 def make_hidden(shape, batch, dtype, device):
@@ -218,7 +231,19 @@ def machine_info(device):
     info["git"] = git.stdout.strip() or None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["sled_cpu_kernels"] = sled_ext.cpu_kernels()
+        info["cpu_flags"] = sorted(flag for flag in cpu_flags()
+                                   if flag.startswith(("avx", "amx", "fma")))
     return info
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
 
 
 def progress(message):
@@ -281,7 +306,9 @@ def run_cases(args, device):
             weight = None  # free the previous one before building the next
             weight_key, weight = (case["shape"], case["dtype"]), make_weight(shape, dtype, device)
         hidden = make_hidden(shape, case["batch"], dtype, device)
-        names = [baseline, "fused"] + ([] if case["reference_skipped"] else ["reference"])
+        second = SECOND_BASELINE[device.type]
+        names = ([baseline, "fused"] + ([second] if second else [])
+                 + ([] if case["reference_skipped"] else ["reference"]))
         runs = {name: (lambda fn=METHODS[name]: fn(hidden, weight, case["k"])) for name in names}
         progress(f"timing [{i}/{len(cases)}] {describe(case)}")
         outputs = time_case(case, runs, args, device)
@@ -325,23 +352,28 @@ def fmt(value, spec, scale=1.0, suffix=""):
     return "-" if value is None else format(value * scale, spec) + suffix
 
 
-def print_table(cases, baseline):
+def print_table(cases, baseline, second):
     median = lambda case, name: statistics.median(case["ms"][name]) if name in case["ms"] else None
     ratio = lambda a, b: None if a is None or b is None or b == 0 else a / b
+    second_columns = f"{second + ' ms':>11} {'fused/' + second:>14} " if second else ""
     header = (f"{'shape':<14} {'N':>3} {'k':>3} {'dtype':<8} {baseline + ' ms':>12} "
-              f"{'fused ms':>10} {'reference ms':>12} {'fused/' + baseline:>15} "
-              f"{'reference/fused':>15} {'fused MiB':>10} {'ref MiB':>9} {'fused/ref mem':>13}")
+              f"{'fused ms':>10} {'fused/' + baseline:>12} {second_columns}"
+              f"{'reference ms':>12} {'reference/fused':>15} {'fused MiB':>10} {'ref MiB':>9} "
+              f"{'fused/ref mem':>13}")
     print(header)
     print("-" * len(header))
     for case in cases:
         base, fused_ms, ref_ms = (median(case, n) for n in (baseline, "fused", "reference"))
+        second_ms = median(case, second) if second else None
+        second_cells = (f"{fmt(second_ms, '.2f'):>11} {fmt(ratio(fused_ms, second_ms), '.2f'):>14} "
+                        if second else "")
         memory = case.get("memory") or {}
         fused_mem, ref_mem = ((memory.get(m) or {}).get("extra") for m in ("fused", "reference"))
         shape = case["shape"] + ("*" if case["others_cpu_share"] > OTHERS_LIMIT else "")
         ref_ms = "skipped" if case["reference_skipped"] else fmt(ref_ms, ".1f")
         print(f"{shape:<14} {case['batch']:>3} {case['k']:>3} {case['dtype']:<8} "
-              f"{fmt(base, '.2f'):>12} {fmt(fused_ms, '.2f'):>10} {ref_ms:>12} "
-              f"{fmt(ratio(fused_ms, base), '.2f'):>15} "
+              f"{fmt(base, '.2f'):>12} {fmt(fused_ms, '.2f'):>10} "
+              f"{fmt(ratio(fused_ms, base), '.2f'):>12} {second_cells}{ref_ms:>12} "
               f"{fmt(ratio(median(case, 'reference'), fused_ms), '.1f'):>15} "
               f"{fmt(fused_mem, '.2f', 1 / MIB):>10} {fmt(ref_mem, '.1f', 1 / MIB):>9} "
               f"{fmt(ratio(fused_mem, ref_mem), '.3f', 100, '%'):>13}")
@@ -376,9 +408,14 @@ def main(argv=None):
     print(f"sled_ext.evolve benchmark on {device}: {machine['cpu']}, {machine['torch_threads']} "
           f"torch threads, {machine['cpu_capability']}, torch {machine['torch']}"
           + (f", {machine['gpu']}" if "gpu" in machine else ""))
+    if "sled_cpu_kernels" in machine:
+        kernels = machine["sled_cpu_kernels"]
+        print(f"CPU flags: {' '.join(machine['cpu_flags'])}\nsled CPU kernels: {kernels['level']} "
+              "vector loops; projection " + ", ".join(
+                  f"{dtype} {how}" for dtype, how in kernels.items() if dtype != "level"))
     with torch.inference_mode():
         cases = run_cases(args, device)
-    print_table(cases, BASELINE[device.type])
+    print_table(cases, BASELINE[device.type], SECOND_BASELINE[device.type])
     print_notes(cases, args)
     settings = {key: str(value) if isinstance(value, Path) else value
                 for key, value in vars(args).items() if key != "measure_memory_child"}
