@@ -182,13 +182,14 @@ class ChoiceScorer:
         return values
 
     def _sled(self, partials, targets, source):
-        """SPEC steps 1-5 for every setting from the partials of the whole vocabulary."""
+        """docs/algorithm.md steps 1-5 for every setting from the partials of the whole
+        vocabulary."""
         a, T = self.adapter, self.iterations
         stats, argmax, values, tokens, premature, final_rows = partials
         out, selected = {}, {}
         for s in self.settings:
             key = (tuple(self.rows_of[s.label]), s.evolution_scale)
-            if key not in selected:  # SPEC steps 1-4 for this layer set and k
+            if key not in selected:  # steps 1-4 for this layer set and k
                 index = torch.tensor(self.rows_of[s.label], device=stats.device)
                 selected[key] = ops.combine(
                     stats[:, index][None], argmax[:, index][None], values[None], tokens[None],
