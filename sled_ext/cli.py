@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -259,7 +260,8 @@ def _add_eval_args(p):
     p.add_argument("task", choices=TASKS)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--limit", type=int, help="the first N items only")
-    p.add_argument("--data", help="data folder (default $SLED_DATA or ../shared/data)")
+    p.add_argument("--data", help="data folder laid out as sled_ext/data (default $SLED_DATA, "
+                   "else the data shipped with sled-ext)")
     p.add_argument("--out", type=Path, help="results JSON (default results/TASK-MODEL.json); "
                    "per-item records go beside it (.items.jsonl) and make the run resumable")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -340,11 +342,22 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from .hub import PullError
     from .models import UnsupportedModel
-    try:
-        return args.run(args)
-    except (PullError, UnsupportedModel, ValueError, OSError) as error:
-        print(f"sled: error: {error}", file=sys.stderr)
-        return 2
+    from .tasks import DataWarning
+    shown = warnings.showwarning
+
+    def show(message, category, *rest, **kwargs):  # the user's files' warnings in one line
+        if issubclass(category, DataWarning):
+            print(f"sled: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *rest, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return args.run(args)
+        except (PullError, UnsupportedModel, ValueError, OSError) as error:
+            print(f"sled: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
