@@ -150,10 +150,15 @@ BAD_FILES = [  # task, file, content, line, what the error says
      3, "expected ',' in a JSON array, found the end of the file"),
     ("strategyqa", "strategyqa/train.json", VALID_STRATEGYQA + "\n]", 2,
      "text after the end of the JSON array"),
+    ("strategyqa", "strategyqa/train.json", VALID_STRATEGYQA[:-1] + ",\n]", 2,
+     "not valid JSON (Expecting value)"),
     ("strategyqa", "strategyqa/train.json", '[\n{"qid": "a", "question": "Q", "answer": true},\n'
      '{"qid": 7, "question": "Q", "answer": true}]', 3, "'qid' must be a non-empty string"),
     ("strategyqa", "strategyqa/dev.json", '[\n\n{"qid": "a", "question": "Q", "answer": false}]',
      3, "qid 'a' again (first at train.json, line 1)"),
+    ("strategyqa", "strategyqa/train.json", "[\n" + "[" * 10**5 + "]" * 10**5 + "]",
+     2, "JSON nested too deeply to read"),
+    ("gsm8k", "gsm8k/test.jsonl", "[" * 10**5, 1, "JSON nested too deeply to read"),
 ]
 
 
@@ -294,22 +299,18 @@ def test_fuzzed_strategyqa_json(elements, indent, ascii_only, damage, trailing):
         separators[-1] = "\n"
     text = "[\n" + "".join(d + s for d, s in zip(dumps, separators + [""])) + "\n]"
     starts = [2 + sum(d.count("\n") + 1 for d in dumps[:i]) for i in range(len(dumps))]
-    error = None
+    seen = set()  # what is wrong, in file order: the elements, and the damage where it lies
+    problems = [(line, _strategyqa_problem(e, seen)) for line, e in zip(starts, elements)]
     if damage == "cut":
         text = text[:-2]
-        if dumps:
-            error = (text.count("\n") + 1, "expected ',' in a JSON array, found the end")
-        else:
-            error = (2, "not valid JSON")
+        problems.append((text.count("\n") + 1, "expected ',' in a JSON array, found the end")
+                        if dumps else (2, "not valid JSON"))
     elif damage == "trailing":
         text += trailing
-        error = (text.count("\n") + 1, "text after the end of the JSON array")
-    elif damage == "no comma" and separators:
-        error = (starts[-1], "expected ',' in a JSON array")
-    if error is None:
-        seen = set()
-        problems = [(line, _strategyqa_problem(e, seen)) for line, e in zip(starts, elements)]
-        error = next(((line, what) for line, what in problems if what), None)
+        problems.append((text.count("\n") + 1, "text after the end of the JSON array"))
+    elif damage == "no comma" and separators:  # the scan stops before the last element
+        problems[-1] = (starts[-1], "expected ',' in a JSON array")
+    error = next(((line, what) for line, what in problems if what), None)
     if error is None and not elements:
         error = (None, "strategyqa: no items")
     with tempfile.TemporaryDirectory() as root:
@@ -364,3 +365,30 @@ def test_fuzzed_gsm8k_jsonl(lines):
         golds = [json.loads(line)["answer"].split("####")[-1].strip().replace(",", "")
                  for line in lines if line.strip()]
         assert [item.answer for item in items] == golds
+
+
+@pytest.mark.parametrize("content,what", [
+    ("{", "not a JSON file (Expecting property name enclosed in double quotes: line 1"),
+    ("[1, 2]", "expected a setting saved by sled tune --save"),
+    ('{"chosen": {"evolution_scale": "ten"}}', "found {\"evolution_scale\": \"ten\"}"),
+    ('{"chosen": {"evolution_rate": 1.5, "temperature": 0.7}}', "an object of evolution_scale"),
+    ('{"chosen": {}}', "expected a setting"),
+])
+def test_a_bad_config_file_is_one_error_naming_it(tmp_path, capsys, content, what):
+    path = tmp_path / "tuned.json"
+    path.write_text(content)
+    assert main(["eval", "truthfulqa", "--config", str(path), "--out",
+                 str(tmp_path / "r.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"sled: error: --config {path}: ") and what in error, error
+
+
+def test_a_saved_setting_reads_back():
+    from sled_ext.cli import _saved_setting
+    with tempfile.TemporaryDirectory() as root:
+        path = Path(root) / "tuned.json"
+        chosen = {"evolution_scale": 75, "evolution_rate": 1.75, "layers": "stride:4"}
+        path.write_text(json.dumps({"chosen": chosen}))  # what sled tune --save writes
+        assert _saved_setting(str(path)) == chosen
+        path.write_text(json.dumps({"layers": [0, 4], "evolution_lower_bound": -100}))
+        assert _saved_setting(str(path)) == {"layers": [0, 4], "evolution_lower_bound": -100}

@@ -80,6 +80,7 @@ def test_a_header_cut_short_starts_afresh(tmp_path):
     (b'{"config": {"task": "gsm8k", "rate": 2.5}}',
      "the items log of a run with other settings (rate: 2.5 there, 2.0 now)"),
     (b'{"id": "z", "v": "\xff"}', "not UTF-8 text"),
+    (b"[" * 10**5, "not an item record"),
 ])
 def test_damage_is_one_error_naming_the_line_and_the_file_stays(tmp_path, line, what):
     path = tmp_path / "run.items.jsonl"

@@ -218,13 +218,31 @@ def _flush_denormals():
     torch.set_flush_denormal(True)
 
 
+SETTING_TYPES = {"evolution_scale": int, "iterations": int, "evolution_rate": (int, float),
+                 "evolution_lower_bound": (int, float), "layers": (str, list)}
+
+
+def _saved_setting(path: str) -> dict:
+    """The SLED setting in a file of ``sled tune --save`` (``{"chosen": {...}}``, or the bare
+    setting), or a ValueError naming the file."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deeply
+        raise ValueError(f"--config {path}: not a JSON file ({error})") from None
+    setting = saved.get("chosen", saved) if isinstance(saved, dict) else saved
+    if not (isinstance(setting, dict) and setting and all(
+            key in SETTING_TYPES and not isinstance(value, bool)
+            and isinstance(value, SETTING_TYPES[key]) for key, value in setting.items())):
+        raise ValueError(f"--config {path}: expected a setting saved by sled tune --save, an "
+                         f"object of {', '.join(SETTING_TYPES)}; found "
+                         f"{json.dumps(setting)[:80]}")
+    return setting
+
+
 def cmd_eval(args) -> int:
     from . import evaluation
     _flush_denormals()
-    overrides = {}
-    if args.config:
-        chosen = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        overrides.update(chosen.get("chosen", chosen))
+    overrides = _saved_setting(args.config) if args.config else {}
     for name in ("evolution_scale", "evolution_rate", "iterations", "evolution_lower_bound"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)

@@ -334,7 +334,7 @@ def _parsed(line: str):
     """The JSON value of ``line``, or None."""
     try:
         return json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         return None
 
 

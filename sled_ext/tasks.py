@@ -121,7 +121,11 @@ def load(task: str, data=None) -> list:
 
 
 def file_error(path: Path, line: int, what: str) -> ValueError:
+    """The one error a malformed file gets: where, then what."""
     return ValueError(f"{path}, line {line}: {what}")
+
+
+TOO_DEEP = "JSON nested too deeply to read"  # Python's parser recurses
 
 
 def decoded_text(path: Path, raw: bytes) -> str:
@@ -135,16 +139,17 @@ def decoded_text(path: Path, raw: bytes) -> str:
 
 
 def abbreviated(value, limit=60) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _csv_records(path: Path, text: str, columns) -> list[tuple[int, dict]]:
-    """``(line, {column: value})`` for each record (the line it starts on), the ``columns`` only.
-    A missing column, a record with another number of fields than the header or an empty value
-    is an error naming the line."""
+def _csv_records(path: Path, text: str, columns):
+    """Yields ``(line, {column: value})`` for each record (the line it starts on), the ``columns``
+    only. A missing column, a record with another number of fields than the header or an empty
+    value is an error naming the line; yielding as it reads keeps errors in file order."""
     reader = csv.reader(io.StringIO(text, newline=""))
-    records, line = [], 1
+    line = 1
     try:
         header = next(reader, None)
         if header is None:
@@ -164,15 +169,15 @@ def _csv_records(path: Path, text: str, columns) -> list[tuple[int, dict]]:
                 empty = [c for c, value in record.items() if not value.strip()]
                 if empty:
                     raise file_error(path, line, f"empty {', '.join(map(repr, empty))}")
-                records.append((line, record))
+                yield line, record
             line = reader.line_num + 1
     except csv.Error as error:
         raise file_error(path, line, f"not valid CSV ({error})") from None
-    return records
 
 
-def _json_array(path: Path, text: str) -> list[tuple[int, object]]:
-    """``(line, element)`` for each element of the JSON array that ``text`` holds."""
+def _json_array(path: Path, text: str):
+    """Yields ``(line, element)`` for each element of the JSON array that ``text`` holds, as it
+    reads (so errors come in file order)."""
     decoder, space = json.JSONDecoder(), re.compile(r"\s*")
     counted, lines = 0, 1
 
@@ -189,21 +194,23 @@ def _json_array(path: Path, text: str) -> list[tuple[int, object]]:
             raise file_error(path, line_at(i), f"expected {what!r} in a JSON array, found {found}")
         return space.match(text, i + 1).end()
 
-    i, elements = expect(0, "["), []
-    while elements or not text.startswith("]", i):  # "[]" holds no element
+    i = expect(0, "[")
+    more = not text.startswith("]", i)  # "[]" holds no element
+    while more:
         try:
             element, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as error:
             raise file_error(path, error.lineno, f"not valid JSON ({error.msg})") from None
-        elements.append((line_at(i), element))
+        except RecursionError:
+            raise file_error(path, line_at(i), TOO_DEEP) from None
+        yield line_at(i), element
         i = space.match(text, end).end()
-        if text.startswith("]", i):
-            break
-        i = expect(i, ",")
+        more = not text.startswith("]", i)
+        if more:
+            i = expect(i, ",")
     after = space.match(text, i + 1).end()
     if after != len(text):
         raise file_error(path, line_at(after), "text after the end of the JSON array")
-    return elements
 
 
 def _text_field(path: Path, line: int, row, key: str) -> str:
@@ -391,6 +398,8 @@ def _gsm8k(source) -> list[GenerationItem]:
             row = json.loads(content)
         except json.JSONDecodeError as error:
             raise file_error(path, line, f"not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise file_error(path, line, TOO_DEEP) from None
         question, answer = (_text_field(path, line, row, key) for key in ("question", "answer"))
         if "####" not in answer:
             raise file_error(path, line, "the answer has no final '#### N'")
