@@ -17,7 +17,7 @@ setup: $(VENV)/.ready
 
 $(VENV)/.ready: Makefile
 	$(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest ninja pybind11 cmake setuptools wheel \
+	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 cmake setuptools wheel \
 		"transformers==5.24.0" gguf accelerate
 	touch $@
 

@@ -1,6 +1,6 @@
 // Calls the sled ops through the dispatcher, as a libtorch embedder would, on small hand-made
-// cases. The expected values are computed here in double straight from the SLED formulas (SPEC
-// steps 1-6), independently of the library's streaming math. Exits nonzero on any mismatch.
+// cases. The expected values are computed here in double straight from the SLED formulas
+// (docs/algorithm.md steps 1-6), independently of the library's streaming math. Exits nonzero on any mismatch.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -35,7 +35,7 @@ double cosine(const Vector& a, const Vector& b) {
   return dot / (std::max(std::sqrt(aa), 1e-8) * std::max(std::sqrt(bb), 1e-8));
 }
 
-// SPEC steps 1-6 for one position.
+// docs/algorithm.md steps 1-6 for one position.
 Vector sled_position(const Rows& z, int64_t k, double rate, double lower_bound, int64_t T) {
   const Vector& final_row = z.back();
   const size_t V = final_row.size(), L = z.size() - 1;

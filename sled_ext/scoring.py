@@ -1,4 +1,5 @@
-"""Scoring continuations for multiple-choice evaluation (SPEC.md, "Scoring conventions").
+"""Scoring continuations for multiple-choice evaluation (docs/algorithm.md, "Scoring
+conventions").
 
 A continuation's score is the sum, over its tokens, of the value the method assigns to the actual
 next token: raw values (the published scripts' default, ``post_softmax=False``: raw final logits for

@@ -3,24 +3,36 @@ metrics, as the published evaluation scripts define them.
 
   truthfulqa      817 questions, multiple choice (MC1/MC2/MC3), the 6-shot QA primer
   factor-news     FACTOR news: the true completion vs three contradictions (accuracy)
-  factor-expert   FACTOR expert, scored from its ``turncated_prefixes`` column (SPEC.md)
+  factor-expert   FACTOR expert, scored from its ``turncated_prefixes`` column (docs/algorithm.md)
   strategyqa      yes/no questions, 6-shot chain-of-thought, generation
   gsm8k           grade-school maths, 8-shot chain-of-thought, generation
 
-The data folder is laid out like ``../shared/data`` (see its README): ``truthfulqa/TruthfulQA.csv``,
-``factor/{news,expert}_factor.csv``, ``strategyqa/{train,dev}.json``, ``gsm8k/test.jsonl``.
+The data ships with the package (``sled_ext/data``, see its README: sources, licences, sha256s):
+``truthfulqa/TruthfulQA.csv``, ``factor/{news,expert}_factor.csv``, ``strategyqa/{train,dev}.json``,
+``gsm8k/test.jsonl``. Every load checks each file against ``data/SHA256SUMS`` and reads it
+strictly: a malformed file is one ``ValueError`` naming the file and line.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
+import hashlib
+import io
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+PACKAGED_DATA = Path(__file__).resolve().parent / "data"
+
+
+class DataWarning(UserWarning):
+    """A file the user handed us is usable but not what was expected (different data, a record cut
+    short by a kill)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,7 @@ class Task:
     name: str
     kind: str  # "choice" or "generation"
     files: tuple[str, ...]
-    # Published SLED settings (SPEC.md): k, alpha, T, lower bound, scoring convention.
+    # Published SLED settings (docs/algorithm.md): k, alpha, T, lower bound, scoring convention.
     evolution_scale: int
     evolution_rate: float
     iterations: int
@@ -67,21 +79,148 @@ TASKS = {
 
 
 def data_dir(path=None) -> Path:
-    """``path``, else ``$SLED_DATA``, else ``../shared/data`` beside this checkout."""
-    return Path(path or os.environ.get("SLED_DATA") or DEFAULT_DATA).expanduser()
+    """``path``, else ``$SLED_DATA``, else the data shipped with the package."""
+    return Path(path or os.environ.get("SLED_DATA") or PACKAGED_DATA).expanduser()
+
+
+@functools.cache
+def published_sha256() -> dict[str, str]:
+    """``{relative path: sha256}`` of the published data files (``data/SHA256SUMS``)."""
+    lines = (PACKAGED_DATA / "SHA256SUMS").read_text(encoding="utf-8").splitlines()
+    return {name: digest for digest, name in (line.split() for line in lines if line.strip())}
 
 
 def load(task: str, data=None) -> list:
-    """All items of ``task`` in file order, or a ValueError naming the missing file."""
+    """All items of ``task`` in file order. A missing, damaged or malformed file is a ValueError
+    naming it (and the line); a file of another folder that differs from the published one gets
+    a :class:`DataWarning` and is read all the same."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; one of: {', '.join(TASKS)}")
     folder = data_dir(data)
-    paths = [folder / f for f in TASKS[task].files]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise ValueError(f"{task}: missing data file {missing[0]} (give --data DIR laid out as "
-                         f"truthfulqa/, factor/, strategyqa/, gsm8k/)")
-    return LOADERS[task](*paths)
+    packaged = folder.resolve() == PACKAGED_DATA
+    texts = []
+    for name in TASKS[task].files:
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{task}: missing data file {path} (give --data DIR laid out as "
+                             f"truthfulqa/, factor/, strategyqa/, gsm8k/)")
+        raw = path.read_bytes()
+        digest, expected = hashlib.sha256(raw).hexdigest(), published_sha256()[name]
+        if digest != expected and packaged:
+            raise ValueError(f"{path} is damaged: sha256 {digest}, expected {expected} "
+                             f"(data/SHA256SUMS); reinstall sled-ext or give --data DIR")
+        if digest != expected:
+            warnings.warn(f"{path} differs from the published {name} (sha256 {digest}, expected "
+                          f"{expected}); its results are not comparable with published ones",
+                          DataWarning, stacklevel=2)
+        texts.append((path, decoded_text(path, raw)))
+    items = LOADERS[task](*texts)
+    if not items:
+        raise ValueError(f"{task}: no items in {', '.join(str(path) for path, _ in texts)}")
+    return items
+
+
+def file_error(path: Path, line: int, what: str) -> ValueError:
+    """The one error a malformed file gets: where, then what."""
+    return ValueError(f"{path}, line {line}: {what}")
+
+
+TOO_DEEP = "JSON nested too deeply to read"  # Python's parser recurses
+
+
+def decoded_text(path: Path, raw: bytes) -> str:
+    """UTF-8 text (a byte-order mark is dropped), or an error naming the first bad line."""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise file_error(path, raw.count(b"\n", 0, error.start) + 1,
+                         f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def abbreviated(value, limit=60) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _csv_records(path: Path, text: str, columns):
+    """Yields ``(line, {column: value})`` for each record (the line it starts on), the ``columns``
+    only. A missing column, a record with another number of fields than the header or an empty
+    value is an error naming the line; yielding as it reads keeps errors in file order."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    line = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise file_error(path, 1, "the file is empty (a CSV header was expected)")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise file_error(path, 1, f"no column {', '.join(map(repr, missing))} in the "
+                             f"header ({', '.join(map(repr, header))})")
+        where = {c: header.index(c) for c in columns}
+        line = reader.line_num + 1
+        for fields in reader:
+            if fields:  # a blank line holds no record
+                if len(fields) != len(header):
+                    raise file_error(path, line, f"{len(fields)} fields, the header has "
+                                     f"{len(header)}")
+                record = {c: fields[i] for c, i in where.items()}
+                empty = [c for c, value in record.items() if not value.strip()]
+                if empty:
+                    raise file_error(path, line, f"empty {', '.join(map(repr, empty))}")
+                yield line, record
+            line = reader.line_num + 1
+    except csv.Error as error:
+        raise file_error(path, line, f"not valid CSV ({error})") from None
+
+
+def _json_array(path: Path, text: str):
+    """Yields ``(line, element)`` for each element of the JSON array that ``text`` holds, as it
+    reads (so errors come in file order)."""
+    decoder, space = json.JSONDecoder(), re.compile(r"\s*")
+    counted, lines = 0, 1
+
+    def line_at(i):  # lines are counted once, front to back
+        nonlocal counted, lines
+        lines += text.count("\n", counted, i)
+        counted = i
+        return lines
+
+    def expect(i, what):
+        i = space.match(text, i).end()
+        if not text.startswith(what, i):
+            found = abbreviated(text[i:i + 20]) if i < len(text) else "the end of the file"
+            raise file_error(path, line_at(i), f"expected {what!r} in a JSON array, found {found}")
+        return space.match(text, i + 1).end()
+
+    i = expect(0, "[")
+    more = not text.startswith("]", i)  # "[]" holds no element
+    while more:
+        try:
+            element, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as error:
+            raise file_error(path, error.lineno, f"not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise file_error(path, line_at(i), TOO_DEEP) from None
+        yield line_at(i), element
+        i = space.match(text, end).end()
+        more = not text.startswith("]", i)
+        if more:
+            i = expect(i, ",")
+    after = space.match(text, i + 1).end()
+    if after != len(text):
+        raise file_error(path, line_at(after), "text after the end of the JSON array")
+
+
+def _text_field(path: Path, line: int, row, key: str) -> str:
+    if not isinstance(row, dict):
+        raise file_error(path, line, f"expected a JSON object, found {abbreviated(row)}")
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise file_error(path, line,
+                         f"{key!r} must be a non-empty string, found {abbreviated(value)}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,18 +247,21 @@ def _sentence(answer: str) -> str:
     return answer if answer.endswith(".") else answer + "."
 
 
-def _truthfulqa(path: Path) -> list[ChoiceItem]:
+def _truthfulqa(source) -> list[ChoiceItem]:
+    path, text = source
     items = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            true = [_sentence(a) for a in row["Correct Answers"].split(";") if a.strip()]
-            false = [_sentence(a) for a in row["Incorrect Answers"].split(";") if a.strip()]
-            best = _sentence(row["Best Answer"])
-            if best not in true:
-                true.insert(0, best)
-            prompt = TRUTHFULQA_PRIMER + "Q: " + row["Question"] + "\nA:"
-            items.append(ChoiceItem(str(i), prompt, tuple(" " + a for a in true),
-                                    tuple(" " + a for a in false), true.index(best)))
+    columns = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
+    for line, row in _csv_records(path, text, columns):
+        true = [_sentence(a) for a in row["Correct Answers"].split(";") if a.strip()]
+        false = [_sentence(a) for a in row["Incorrect Answers"].split(";") if a.strip()]
+        if not false:
+            raise file_error(path, line, "no incorrect answer (MC1-MC3 need at least one)")
+        best = _sentence(row["Best Answer"])
+        if best not in true:
+            true.insert(0, best)
+        prompt = TRUTHFULQA_PRIMER + "Q: " + row["Question"] + "\nA:"
+        items.append(ChoiceItem(str(len(items)), prompt, tuple(" " + a for a in true),
+                                tuple(" " + a for a in false), true.index(best)))
     return items
 
 
@@ -146,12 +288,15 @@ def truthfulqa_metrics(true_scores, false_scores, best: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # FACTOR (Muhlgay et al. 2023; the DoLa/SLED factor_eval scripts)
 
-def _factor(path: Path) -> list[ChoiceItem]:
-    prefix = "full_prefix" if "news" in path.name else "turncated_prefixes"
-    with open(path, newline="", encoding="utf-8") as f:
-        return [ChoiceItem(str(i), row[prefix], (" " + row["completion"],),
-                           tuple(" " + row[f"contradiction_{j}"] for j in range(3)))
-                for i, row in enumerate(csv.DictReader(f))]
+def _factor(source, prefix: str) -> list[ChoiceItem]:
+    """FACTOR items; the prompt is column ``prefix`` (``full_prefix`` for news,
+    ``turncated_prefixes`` for expert, as the published loader reads them)."""
+    path, text = source
+    false = [f"contradiction_{j}" for j in range(3)]
+    records = _csv_records(path, text, [prefix, "completion", *false])
+    return [ChoiceItem(str(i), row[prefix], (" " + row["completion"],),
+                       tuple(" " + row[column] for column in false))
+            for i, (_, row) in enumerate(records)]
 
 
 def factor_metrics(true_scores, false_scores, best: int = 0) -> dict:
@@ -225,24 +370,43 @@ def cot_primer(exemplars, trigger: str) -> str:
     return "".join(f"Q: {q}\nA: {chain} {trigger} {answer}.\n\n" for q, chain, answer in exemplars)
 
 
-def _strategyqa(*paths: Path) -> list[GenerationItem]:
+def _strategyqa(*sources) -> list[GenerationItem]:
     primer = cot_primer(STRATEGYQA_EXEMPLARS, STRATEGYQA_TRIGGER)
-    items = []
-    for path in paths:
-        for row in json.loads(path.read_text(encoding="utf-8")):
-            items.append(GenerationItem(row["qid"], primer + "Q: " + row["question"] + "\nA:",
+    items, first_seen = [], {}
+    for path, text in sources:
+        for line, row in _json_array(path, text):
+            qid, question = (_text_field(path, line, row, key) for key in ("qid", "question"))
+            if not isinstance(row.get("answer"), bool):
+                raise file_error(path, line, f"'answer' must be true or false, found "
+                                 f"{abbreviated(row.get('answer'))}")
+            if qid in first_seen:  # item ids key the resumable log
+                raise file_error(path, line, f"qid {qid!r} again (first at {first_seen[qid]})")
+            first_seen[qid] = f"{path.name}, line {line}"
+            items.append(GenerationItem(qid, primer + "Q: " + question + "\nA:",
                                         "yes" if row["answer"] else "no"))
     return items
 
 
-def _gsm8k(path: Path) -> list[GenerationItem]:
+def _gsm8k(source) -> list[GenerationItem]:
+    path, text = source
     primer = cot_primer(GSM8K_EXEMPLARS, GSM8K_TRIGGER)
     items = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            row = json.loads(line)
-            gold = row["answer"].split("####")[-1].strip().replace(",", "")
-            items.append(GenerationItem(str(i), primer + "Q: " + row["question"] + "\nA:", gold))
+    for line, content in enumerate(text.split("\n"), 1):  # JSON text may hold U+2028
+        if not content.strip():
+            continue
+        try:
+            row = json.loads(content)
+        except json.JSONDecodeError as error:
+            raise file_error(path, line, f"not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise file_error(path, line, TOO_DEEP) from None
+        question, answer = (_text_field(path, line, row, key) for key in ("question", "answer"))
+        if "####" not in answer:
+            raise file_error(path, line, "the answer has no final '#### N'")
+        gold = answer.split("####")[-1].strip().replace(",", "")
+        if not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", gold):
+            raise file_error(path, line, f"the final answer {abbreviated(gold)} is not a number")
+        items.append(GenerationItem(str(len(items)), primer + "Q: " + question + "\nA:", gold))
     return items
 
 
@@ -289,7 +453,9 @@ def generation_correct(task: str, text: str, gold: str) -> tuple[str | None, boo
         return answer, False
 
 
-LOADERS = {"truthfulqa": _truthfulqa, "factor-news": _factor, "factor-expert": _factor,
+LOADERS = {"truthfulqa": _truthfulqa,
+           "factor-news": functools.partial(_factor, prefix="full_prefix"),
+           "factor-expert": functools.partial(_factor, prefix="turncated_prefixes"),
            "strategyqa": _strategyqa, "gsm8k": _gsm8k}
 CHOICE_METRICS = {"truthfulqa": truthfulqa_metrics, "factor-news": factor_metrics,
                   "factor-expert": factor_metrics}

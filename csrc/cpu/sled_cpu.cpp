@@ -504,7 +504,7 @@ Selection combine_cpu(const Partials& in, int64_t k) {
         }
         row_stats[r] = merged;
       }
-      // SPEC step 1: the global top-k is inside the union of the shards' top-ks.
+      // algorithm.md step 1: the global top-k is inside the union of the shards' top-ks.
       const auto value = [&](int64_t c) { return values.data_ptr<float>()[(c / kk * N + n) * kk + c % kk]; };
       const auto token = [&](int64_t c) { return tokens.data_ptr<int64_t>()[(c / kk * N + n) * kk + c % kk]; };
       picks.clear();
@@ -520,7 +520,7 @@ Selection combine_cpu(const Partials& in, int64_t k) {
         return premature.data_ptr<float>()[((c / kk * N + n) * kk + c % kk) * L + l];
       };
 
-      // SPEC steps 2-4.
+      // algorithm.md steps 2-4.
       float total = 0.f;
       for (int64_t l = 0; l < L; ++l) {
         float sum = 0.f;
@@ -551,7 +551,7 @@ Selection combine_cpu(const Partials& in, int64_t k) {
 
 Candidates evolve_cpu(const Problem& p) {
   const int64_t N = p.positions, V = p.vocab, k = p.k;
-  // T > 1 needs the whole final row for the later softmaxes (SPEC step 5).
+  // T > 1 needs the whole final row for the later softmaxes (algorithm.md step 5).
   const Partials parts = partials_cpu(p, 0, p.iterations > 1);
   const Selection sel = combine_cpu(
       {parts.stats.unsqueeze(0), parts.argmax.unsqueeze(0), parts.values.unsqueeze(0),
@@ -561,7 +561,7 @@ Candidates evolve_cpu(const Problem& p) {
   at::Tensor values = sel.values.clone();
   at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t n = n_begin; n < n_end; ++n) {
-      // SPEC step 5. Iterations before the last move the whole final row; the last one only K.
+      // algorithm.md step 5. Iterations before the last move the whole final row, the last only K.
       float* x_k = values.data_ptr<float>() + n * k;
       const int64_t* tokens = sel.tokens.data_ptr<int64_t>() + n * k;
       const float* delta = sel.delta.data_ptr<float>() + n * k;

@@ -2,8 +2,8 @@
 // walks its vocab slice in tiles of 64 tokens, projects all stacked rows of its positions onto the
 // tile (tensor cores for bf16/fp16, FMA for fp32), folds every row into streaming statistics
 // (sled_math.h) and keeps each position's best final-row tokens with the premature logits there.
-// The last block of a position group to finish merges the slices and runs SPEC steps 1-6 on k
-// values per position. W is read once per position group; [R, N, V] never exists.
+// The last block of a position group to finish merges the slices and runs algorithm.md steps
+// 1-6 on k values per position. W is read once per position group; [R, N, V] never exists.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -336,8 +336,8 @@ __device__ void offer_tile(const Params& p, const SharedTile& s, int64_t block_p
 }
 
 // ---------------------------------------------------------------------------------------------
-// The finishing block: SPEC steps 1-6 for every position of its group. It reads what other blocks
-// wrote through L2 (__ldcg): L1 is not coherent across blocks.
+// The finishing block: algorithm.md steps 1-6 for every position of its group. It reads what
+// other blocks wrote through L2 (__ldcg): L1 is not coherent across blocks.
 
 __device__ __forceinline__ RowStats load_stats(const RowStats* s) {
   return {__ldcg(&s->max), __ldcg(&s->argmax), __ldcg(&s->d_at_max), __ldcg(&s->rest_sum),
@@ -377,9 +377,9 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     }
   }
 
-  // SPEC step 1: the top-k is inside the union of the blocks' lists. A full block's worst entry
-  // bounds the k-th best from below, so only candidates ranking at or above the best such bound
-  // survive; then a radix select over the survivors' rank keys finds the k-th key exactly.
+  // algorithm.md step 1: the top-k is inside the union of the blocks' lists. A full block's worst
+  // entry bounds the k-th best from below, so only candidates ranking at or above the best such
+  // bound survive; then a radix select over the survivors' rank keys finds the k-th key exactly.
   uint64_t bound = 0;
   for (int64_t b = threadIdx.x; b < blocks; b += kThreads)
     bound = std::max(bound, __ldcg(&p.block_worst[b * p.N + n]));
@@ -462,7 +462,7 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     return;
   }
 
-  // SPEC steps 2-4. Weights are recomputed where needed rather than stored ([L, k] can be large).
+  // algorithm.md steps 2-4. Weights are recomputed where needed, not stored ([L, k] can be large).
   const auto weight_of = [&](int64_t l, int64_t i) {
     const int64_t c = pick[i];
     const float z = __ldcg(&p.cand_carried[c * L + l]);
@@ -508,7 +508,7 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     return;
   }
 
-  // SPEC step 5. Iterations before the last move the whole final row; the last one only K.
+  // algorithm.md step 5. Iterations before the last move the whole final row, the last only K.
   float max = fin.max, total = softmax_total(fin);
   float* row = p.final_rows ? p.final_rows + n * p.V : nullptr;
   float* evolved = p.evolved + group * p.k;
