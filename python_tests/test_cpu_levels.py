@@ -21,8 +21,8 @@ RUNNABLE = LEVELS[:LEVELS.index(BEST) + 1] if BEST in LEVELS else ["DEFAULT"]
 HERE = Path(__file__).resolve().parent
 
 
-def run_python(code, **env):
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def run_python(code, *args, **env):
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           cwd=HERE, env={**os.environ, **env}, timeout=600)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -80,11 +80,11 @@ def test_only_the_level_copies_hold_vector_extension_code():
     assert outside == [], f"AVX code outside the level copies: {outside[:10]}"
 
 
-# Exactness of the bf16 brgemm path in both orientations (few rows: the hidden rows are packed;
-# many rows: the weight tile is), odd H (padded depth), a strided weight, bias, soft-cap, T = 10,
-# and the two-phase form.
+# Exactness of the brgemm path in both orientations (few rows: the hidden rows are packed; many
+# rows: the weight tile is), odd H (padded depth), a strided weight, bias, soft-cap, T = 10, and
+# the two-phase form.
 BRGEMM_CHECK = r"""
-import json, math, torch, sled_ext
+import json, math, sys, torch, sled_ext
 from sled_ext import reference as ref
 from tolerance import assert_matches_reference
 torch.manual_seed(0)
@@ -94,10 +94,11 @@ cases = [dict(R=17, N=1, H=256, V=3001), dict(R=5, N=40, H=64, V=2000),
 for c in cases:
     for strided in (False, True):
         R, N, H, V = c["R"], c["N"], c["H"], c["V"]
-        hidden = (torch.randn(R, N, H).cumsum(0) / math.sqrt(R)).bfloat16()
-        weight = (torch.randn(V, 2 * H) * (2 / math.sqrt(H))).bfloat16()
+        dtype = getattr(torch, sys.argv[1])
+        hidden = (torch.randn(R, N, H).cumsum(0) / math.sqrt(R)).to(dtype)
+        weight = (torch.randn(V, 2 * H) * (2 / math.sqrt(H))).to(dtype)
         weight = weight[:, ::2] if strided else weight[:, :H].contiguous()
-        bias = torch.randn(V).bfloat16()
+        bias = torch.randn(V).to(dtype)
         for T, softcap in ((1, 0.0), (10, 30.0)):
             out = sled_ext.evolve(hidden, weight, bias, evolution_scale=10, iterations=T,
                                   softcap=softcap)
@@ -113,19 +114,23 @@ print(json.dumps(info))
 """
 
 
-def amx_or_avx512_bf16():
-    flags = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
-        else {}
-    return bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
-
-
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("onednn_isa", ["", "AVX512_CORE_BF16"],
                          ids=["best (AMX here when present)", "AVX512_CORE_BF16 (no AMX)"])
-def test_bf16_through_brgemm_is_exact(onednn_isa):
-    """The matrix-unit path against the float64 reference; capping oneDNN at AVX512-BF16 runs
-    the path of CPUs with bf16 dot products but no AMX (AMD Zen 4, Intel Cooper Lake)."""
-    if BEST != "AVX512" or not amx_or_avx512_bf16():
-        pytest.skip("needs AVX-512 with AMX or AVX512-BF16")
+def test_reduced_precision_through_brgemm_is_exact(dtype, onednn_isa):
+    """The brgemm path against the float64 reference; capping oneDNN at AVX512-BF16 runs the
+    path of CPUs with bf16 dot products but no AMX (AMD Zen 4, Intel Cooper Lake)."""
     env = {"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}
-    info = json.loads(run_python(BRGEMM_CHECK, **env).splitlines()[-1])
-    assert info["bfloat16"] == "brgemm"
+    if not kernels_under(**env)[dtype].startswith("brgemm"):
+        pytest.skip(f"no brgemm for {dtype} on this CPU")
+    info = json.loads(run_python(BRGEMM_CHECK, dtype, **env).splitlines()[-1])
+    assert info[dtype].startswith("brgemm")
+
+
+def test_bf16_takes_brgemm_where_the_cpu_multiplies_it():
+    """Where the CPU has AMX or AVX512-BF16, bf16 must not silently fall back to widening."""
+    flags = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
+        else {}
+    if BEST != "AVX512" or not (flags.get("amx_bf16") or flags.get("avx512_bf16")):
+        pytest.skip("needs AVX-512 with AMX or AVX512-BF16")
+    assert sled_ext.cpu_kernels()["bfloat16"] == "brgemm"

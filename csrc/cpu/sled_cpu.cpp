@@ -85,65 +85,81 @@ struct ChunkResult {
 };
 
 // brgemm (oneDNN's micro-kernel behind at::native::cpublas) multiplies 16-bit A [m, depth] by B
-// in the VNNI layout [depth / 2, n, 2], where each pair of neighbouring values along depth sits
-// together, accumulating in fp32.
+// [depth, n], accumulating in fp32. B comes in one of two layouts, by what the CPU has:
+enum class BLayout {
+  kNone,   // no brgemm for this dtype here
+  kPairs,  // [depth / 2, n, 2] (VNNI): each pair of neighbours along depth together; AMX and
+           // AVX512-BF16 multiply pairs. A pair is one 32-bit word: packing is a word transpose
+  kPlain,  // [depth, n] row-major: fp16 without AMX-FP16, through torch's fallback GEMM
+};
 
-// Writes `rows` [n, depth] (16-bit, unit column stride, even depth and row stride) as B for
-// brgemm into the contiguous `out`. A pair is one 32-bit word, so this is a transpose of words.
-void pack_pairs(const at::Tensor& rows, at::Tensor& out) {
+// Writes `rows` [n, depth] (16-bit, unit column stride; even depth and row stride for pairs) as
+// B for brgemm into the contiguous `out`.
+void pack_b(const at::Tensor& rows, BLayout layout, at::Tensor& out) {
   const int64_t n = rows.size(0), depth = rows.size(1);
+  if (layout == BLayout::kPlain) {
+    out.view({depth, n}).copy_(rows.t());
+    return;
+  }
   row_kernels().transpose(reinterpret_cast<const float*>(rows.const_data_ptr()),
                           rows.stride(0) / 2, reinterpret_cast<float*>(out.data_ptr()), n, n,
                           depth / 2);
 }
 
-// out [m, n] (row stride n) = a [m, depth] (unit column stride) times b packed by pack_pairs.
-void brgemm_fp32(const at::Tensor& a, const at::Tensor& b, float* out) {
+// out [m, n] (row stride n) = a [m, depth] (unit column stride) times b as pack_b wrote it (n is
+// b's second dim in both layouts).
+void brgemm_fp32(const at::Tensor& a, const at::Tensor& b, BLayout layout, float* out) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
   const int64_t m = a.size(0), depth = a.size(1), n = b.size(1);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "sled_brgemm", [&] {
     at::native::cpublas::brgemm(m, n, depth, a.stride(0), n, n, false,
-                                a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), out);
+                                a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), out,
+                                layout == BLayout::kPairs);
   });
 #else
-  (void)a, (void)b, (void)out;
+  (void)a, (void)b, (void)layout, (void)out;
   TORCH_CHECK(false, "sled: this build of torch has no brgemm");
 #endif
 }
 
-// Whether oneDNN's brgemm multiplies `dtype` (bf16 or fp16) here on the CPU's matrix or
-// dot-product instructions (AMX; AVX512-BF16), accumulating in fp32, with B as pack_pairs writes
-// it. Checked once on a small product whose every term and sum is exact, so a torch whose
-// oneDNN lacks the micro-kernel (or reads B otherwise) falls back to the fp32 projection instead
-// of failing or computing something else.
-bool brgemm_multiplies(at::ScalarType dtype) {
+// How brgemm multiplies `dtype` (bf16 or fp16) here: in pairs on the CPU's matrix or dot-product
+// instructions (AMX; AVX512-BF16), fp16 in the plain layout on AVX512-FP16, or not at all. Checked
+// once on a small product whose every term and sum is exact, so a torch whose oneDNN lacks the
+// micro-kernel (or reads B otherwise) falls back to the fp32 projection instead of failing or
+// computing something else.
+BLayout brgemm_layout(at::ScalarType dtype) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32) && \
     defined(SLED_X86_LEVELS)
-  const auto check = [](at::ScalarType dtype) {
-    if (std::strcmp(row_kernels().level, "AVX512") != 0) return false;  // oneDNN needs AVX-512
-    const bool native = at::native::cpublas::could_pack(dtype) ||
-                        (dtype == at::kBFloat16 && __builtin_cpu_supports("avx512bf16"));
-    if (!native) return false;
+  const auto exact = [](at::ScalarType dtype, BLayout layout) {
     constexpr int64_t m = 3, n = 40, depth = 6;
     const at::Tensor a = (at::arange(m * depth).view({m, depth}).remainder(5) - 2).to(dtype);
     const at::Tensor b_rows = (at::arange(n * depth).view({n, depth}).remainder(7) - 3).to(dtype);
-    at::Tensor b = at::empty({depth / 2, n, 2}, b_rows.options());
+    at::Tensor b = at::empty({depth, n}, b_rows.options());
     at::Tensor out = at::empty({m, n}, at::kFloat);
     try {
-      pack_pairs(b_rows, b);
-      brgemm_fp32(a, b, out.data_ptr<float>());
+      pack_b(b_rows, layout, b);
+      brgemm_fp32(a, b.view({depth / (layout == BLayout::kPairs ? 2 : 1), n, -1}), layout,
+                  out.data_ptr<float>());
       at::native::cpublas::brgemm_release();
     } catch (const std::exception&) {
       return false;
     }
-    const at::Tensor expected = at::mm(a.to(at::kFloat), b_rows.to(at::kFloat).t());
-    return at::equal(out, expected);
+    return at::equal(out, at::mm(a.to(at::kFloat), b_rows.to(at::kFloat).t()));
   };
-  static const bool bf16 = check(at::kBFloat16), fp16 = check(at::kHalf);
-  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf && fp16;
+  const auto check = [&](at::ScalarType dtype) {
+    if (std::strcmp(row_kernels().level, "AVX512") != 0) return BLayout::kNone;  // oneDNN's needs
+    const bool pairs = at::native::cpublas::could_pack(dtype) ||
+                       (dtype == at::kBFloat16 && __builtin_cpu_supports("avx512bf16"));
+    if (pairs && exact(dtype, BLayout::kPairs)) return BLayout::kPairs;
+    const bool plain = dtype == at::kHalf && __builtin_cpu_supports("avx512fp16");
+    if (plain && exact(dtype, BLayout::kPlain)) return BLayout::kPlain;
+    return BLayout::kNone;
+  };
+  static const BLayout bf16 = check(at::kBFloat16), fp16 = check(at::kHalf);
+  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : BLayout::kNone;
 #else
   (void)dtype;
-  return false;
+  return BLayout::kNone;
 #endif
 }
 
@@ -156,11 +172,6 @@ enum class Source {
   kPacked,   // bf16/fp16 weights and hidden rows multiplied by brgemm (see Projection)
 };
 
-Source weight_source(at::ScalarType dtype, bool unit_stride) {
-  if (dtype == at::kFloat && unit_stride) return Source::kFloat;
-  return dtype != at::kFloat && brgemm_multiplies(dtype) ? Source::kPacked : Source::kWidened;
-}
-
 // The [rows, tile] logits of one product should stay in cache (64K floats), and so should the
 // weight panel: 4 MiB read in place, 1 MiB when a thread converts or packs it into a buffer.
 constexpr int64_t kLogitsBudget = 64 * 1024;
@@ -172,15 +183,14 @@ constexpr int64_t kMinGroupColumns = 512;
 constexpr int64_t kMaxChunkTokens = int64_t{1} << 24;
 // brgemm's B columns come in blocks of 16 (an AMX tile): packed hidden rows are padded to it.
 constexpr int64_t kBrgemmBlock = 16;
-// The hidden rows are the packed operand while H is this many times their (padded) count: packing
-// them is then cheaper, and brgemm streams the weight tile fastest as its A operand (measured on
-// Sapphire Rapids, AMX: 17 rows at H = 2048 0.9x torch's bf16 GEMM against 1.3x with packed
-// weights; 136 rows 1.3x against 1.5x).
-constexpr int64_t kPackHiddenRatio = 8;
 
 // Positions per group: all of them when their rows leave tiles wide enough, else as many as do.
+// Equal groups, so no group is a narrow remainder.
 int64_t group_positions(int64_t R, int64_t N) {
-  return std::clamp<int64_t>(kLogitsBudget / (R * kMinGroupColumns), 1, std::max<int64_t>(N, 1));
+  const int64_t most =
+      std::clamp<int64_t>(kLogitsBudget / (R * kMinGroupColumns), 1, std::max<int64_t>(N, 1));
+  const int64_t groups = (N + most - 1) / most;
+  return std::max<int64_t>((N + groups - 1) / std::max<int64_t>(groups, 1), 1);
 }
 
 // Columns per tile for `rows` rows per product and a weight panel of `column_bytes` per column.
@@ -193,26 +203,40 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 }
 
 // How a call's products are laid out: the tile size and, for brgemm, which operand is packed.
-// brgemm reads its A operand in place and B packed:
-//  - few rows (decoding): the hidden rows are packed once per call as B and the weight tile is A,
-//    read straight from memory; the product comes out transposed, [tile, rows], and is turned
-//    back (rows * tile words, far fewer than the tile's H / 2 * tile);
-//  - many rows (scoring): each weight tile is packed as B once and serves every group.
+// brgemm reads its A operand in place and B packed (a transpose of 32-bit words), so the smaller
+// one is packed:
+//  - fewer padded hidden rows than H / 2 (decoding): the hidden rows are packed once per call and
+//    the weight tile is A, streamed from memory; the product comes out [tile, rows] and is turned
+//    back (rows * tile words per tile instead of H / 2 * tile). On Sapphire Rapids (AMX, one
+//    thread) this made R = 17-23, N = 1 0.9x torch's bf16 GEMM instead of 2x, N = 8 1.1x not 1.3x;
+//  - many rows (scoring): each weight tile is packed once and serves every group.
 struct Projection {
   Source source;
   int64_t group;   // positions per product
   int64_t depth;   // H, rounded up to even for brgemm (zero-padded)
   int64_t tile;    // weight rows per tile
+  BLayout layout = BLayout::kNone;
   bool packs_hidden = false;
   int64_t columns = 0;  // packed hidden rows per group (a multiple of kBrgemmBlock)
 
   explicit Projection(const Problem& p) {
     const int64_t R = p.num_rows, N = p.positions, H = p.rows.size(2);
-    source = p.projects() ? weight_source(p.weight.scalar_type(), p.weight.stride(1) == 1)
-                          : Source::kLogits;
     group = std::min(N, group_positions(R, N));
-    depth = source == Source::kPacked ? H + H % 2 : H;
     const int64_t rows = group * R;
+    columns = (rows + kBrgemmBlock - 1) / kBrgemmBlock * kBrgemmBlock;
+    const int64_t groups = (N + group - 1) / group;
+    if (!p.projects()) {
+      source = Source::kLogits;
+    } else if (p.weight.scalar_type() == at::kFloat) {
+      source = p.weight.stride(1) == 1 ? Source::kFloat : Source::kWidened;
+    } else {
+      layout = brgemm_layout(p.weight.scalar_type());
+      packs_hidden = groups * columns * 2 <= H + H % 2;
+      // The plain layout serves only the orientation that packs the (few) hidden rows.
+      const bool usable = layout == BLayout::kPairs || (layout == BLayout::kPlain && packs_hidden);
+      source = usable ? Source::kPacked : Source::kWidened;
+    }
+    depth = source == Source::kPacked ? H + H % 2 : H;
     switch (source) {
       case Source::kLogits:
         tile = tile_columns(rows, 0, false);
@@ -221,14 +245,10 @@ struct Projection {
       case Source::kWidened:
         tile = tile_columns(rows, H * 4, source == Source::kWidened);
         break;
-      case Source::kPacked: {
-        columns = (rows + kBrgemmBlock - 1) / kBrgemmBlock * kBrgemmBlock;
-        const int64_t groups = (N + group - 1) / group;
-        packs_hidden = groups * columns * kPackHiddenRatio <= depth;
+      case Source::kPacked:
         tile = packs_hidden ? tile_columns(columns, depth * p.weight.element_size(), false)
                             : tile_columns(rows, depth * p.weight.element_size(), true);
         break;
-      }
     }
   }
 };
@@ -236,7 +256,8 @@ struct Projection {
 // The hidden rows as the products read them, position-major (row r of position n at n * R + r)
 // so that a group of positions is a block of consecutive rows: [M, H] fp32 for sgemm; for brgemm
 // [M, depth] in the input dtype, or, when they are the packed operand, each group's rows padded
-// to `columns` and packed: [groups, depth / 2, columns, 2].
+// to `columns` and packed as B: [groups, depth / 2, columns, 2] in pairs, [groups, depth, columns]
+// plain.
 at::Tensor hidden_rows(const Problem& p, const Projection& how) {
   if (how.source == Source::kLogits) return at::Tensor();
   const int64_t R = p.num_rows, N = p.positions, M = R * N, H = p.rows.size(2);
@@ -250,13 +271,15 @@ at::Tensor hidden_rows(const Problem& p, const Projection& how) {
   }
   const int64_t groups = (N + how.group - 1) / how.group;
   at::Tensor padded = at::zeros({how.columns, how.depth}, rows.options());
-  at::Tensor packed = at::empty({groups, how.depth / 2, how.columns, 2}, rows.options());
+  const int64_t per_row = how.layout == BLayout::kPairs ? 2 : 1;
+  at::Tensor packed =
+      at::empty({groups, how.depth / per_row, how.columns, per_row}, rows.options());
   for (int64_t i = 0; i < groups; ++i) {
     const int64_t first = i * how.group * R, count = std::min(how.group * R, M - first);
     padded.narrow(0, 0, count).narrow(1, 0, H).copy_(rows.narrow(0, first, count));
     if (count < how.columns) padded.narrow(0, count, how.columns - count).zero_();
     at::Tensor out = packed[i];
-    pack_pairs(padded, out);
+    pack_b(padded, how.layout, out);
   }
   return packed;
 }
@@ -308,7 +331,7 @@ class TileProjector {
     }
     if (how_.source == Source::kPacked && !how_.packs_hidden) {
       tile_pairs_ = packed_weight_.narrow(0, 0, how_.depth * cols).view({how_.depth / 2, cols, 2});
-      pack_pairs(weight_, tile_pairs_);
+      pack_b(weight_, how_.layout, tile_pairs_);
     }
   }
 
@@ -329,10 +352,10 @@ class TileProjector {
       case Source::kPacked:
         if (how_.packs_hidden) {
           float* transposed = transposed_.data_ptr<float>();
-          brgemm_fp32(weight_, hidden_[group], transposed);
+          brgemm_fp32(weight_, hidden_[group], how_.layout, transposed);
           row_kernels().transpose(transposed, how_.columns, out, cols_, cols_, rows);
         } else {
-          brgemm_fp32(hidden_.narrow(0, row0, rows), tile_pairs_, out);
+          brgemm_fp32(hidden_.narrow(0, row0, rows), tile_pairs_, how_.layout, out);
         }
         break;
     }
@@ -350,12 +373,14 @@ class TileProjector {
 }  // namespace
 
 std::string cpu_kernels(at::ScalarType dtype) {
-  const char* projection = "";
-  switch (weight_source(dtype, true)) {
-    case Source::kFloat: projection = "sgemm"; break;
-    case Source::kWidened: projection = "widened to float32, sgemm"; break;
-    case Source::kPacked: projection = "brgemm"; break;
-    case Source::kLogits: break;
+  const char* widened = "widened to float32, sgemm";
+  const char* projection = dtype == at::kFloat ? "sgemm" : widened;
+  if (dtype != at::kFloat) {
+    switch (brgemm_layout(dtype)) {
+      case BLayout::kPairs: projection = "brgemm"; break;
+      case BLayout::kPlain: projection = "brgemm for few rows, else widened to float32, sgemm"; break;
+      case BLayout::kNone: break;
+    }
   }
   return std::string(row_kernels().level) + "; " + projection;
 }
