@@ -198,13 +198,28 @@ def test_dominant_premature_token_is_exact(device):
     assert published_error > 1e-3  # the float32 published math does lose accuracy here
 
 
-def test_empty_batch(device):
-    hidden, weight, bias = make_inputs(3, 0, 16, 100, torch.float32, True, device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_empty_batch(device, dtype):
+    hidden, weight, bias = make_inputs(3, 0, 16, 100, dtype, True, device)
     out = sled_ext.evolve(hidden, weight, bias, evolution_scale=5)
     assert out.shape == (0, 100) and out.dtype == torch.float32 and out.device.type == device
     values, indices = sled_ext.evolve_topk(hidden, weight, bias, evolution_scale=5)
     assert values.shape == indices.shape == (0, 5)
     assert sled_ext.evolve_logits(torch.randn(3, 0, 100, device=device)).shape == (0, 100)
+    stats, _, values, _, premature, _ = sled_ext.partials(hidden, weight, bias, vocab_offset=0,
+                                                          evolution_scale=5)
+    assert stats.shape[0] == values.shape[0] == premature.shape[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_empty_hidden_size(device, dtype):
+    """H = 0: every logit is the bias (a zero product), on every projection path."""
+    hidden = torch.empty(3, 2, 0, dtype=dtype, device=device)
+    weight = torch.empty(50, 0, dtype=dtype, device=device)
+    bias = torch.randn(50).to(device=device, dtype=dtype)
+    out = sled_ext.evolve(hidden, weight, bias, evolution_scale=5)
+    expected = ref.evolve(hidden.double(), weight.double(), bias.double(), 5, 2.0, LB)
+    assert_matches_reference(out, expected, 5, LB)
 
 
 def test_non_contiguous_inputs(device):

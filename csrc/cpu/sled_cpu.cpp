@@ -224,7 +224,7 @@ struct Projection {
     group = std::min(N, group_positions(R, N));
     const int64_t rows = group * R;
     columns = (rows + kBrgemmBlock - 1) / kBrgemmBlock * kBrgemmBlock;
-    const int64_t groups = (N + group - 1) / group;
+    const int64_t groups = group > 0 ? (N + group - 1) / group : 0;  // N = 0: no groups
     if (!p.projects()) {
       source = Source::kLogits;
     } else if (p.weight.scalar_type() == at::kFloat) {
@@ -232,8 +232,10 @@ struct Projection {
     } else {
       layout = brgemm_layout(p.weight.scalar_type());
       packs_hidden = groups * columns * 2 <= H + H % 2;
-      // The plain layout serves only the orientation that packs the (few) hidden rows.
-      const bool usable = layout == BLayout::kPairs || (layout == BLayout::kPlain && packs_hidden);
+      // The plain layout serves only the orientation that packs the (few) hidden rows; oneDNN
+      // refuses an empty depth (sgemm gives the zero product).
+      const bool usable = H > 0 && (layout == BLayout::kPairs ||
+                                    (layout == BLayout::kPlain && packs_hidden));
       source = usable ? Source::kPacked : Source::kWidened;
     }
     depth = source == Source::kPacked ? H + H % 2 : H;
@@ -269,7 +271,7 @@ at::Tensor hidden_rows(const Problem& p, const Projection& how) {
     padded.narrow(1, 0, H).copy_(rows);
     return padded;
   }
-  const int64_t groups = (N + how.group - 1) / how.group;
+  const int64_t groups = how.group > 0 ? (N + how.group - 1) / how.group : 0;
   at::Tensor padded = at::zeros({how.columns, how.depth}, rows.options());
   const int64_t per_row = how.layout == BLayout::kPairs ? 2 : 1;
   at::Tensor packed =
