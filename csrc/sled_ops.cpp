@@ -7,6 +7,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "sled_math.h"
 #include "sled_problem.h"
 
 namespace sled {
@@ -212,9 +213,9 @@ template <Selection (*backend)(const Partials&, int64_t)>
 SelectionTuple combine(const at::Tensor& stats, const at::Tensor& argmax, const at::Tensor& values,
                        const at::Tensor& tokens, const at::Tensor& premature, int64_t k) {
   constexpr const char* op = "sled.combine";
-  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(2) >= 2 && stats.size(3) == 6, op,
-                    ": stats must be [S, N, R, 6] (partials of S shards stacked), got shape ",
-                    shape_of(stats));
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(2) >= 2 && stats.size(3) == kRecordFloats,
+                    op, ": stats must be [S, N, R, ", kRecordFloats,
+                    "] (partials of S shards stacked), got shape ", shape_of(stats));
   const int64_t S = stats.size(0), N = stats.size(1), R = stats.size(2);
   check_cuda_rows(op, stats.device(), R);
   TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == S && values.size(1) == N, op,
@@ -230,7 +231,7 @@ SelectionTuple combine(const at::Tensor& stats, const at::Tensor& argmax, const 
     TORCH_CHECK_VALUE(t.device() == stats.device(), op, ": ", name, " is on ", t.device(),
                       " but stats is on ", stats.device());
   };
-  expect(stats, "stats", {S, N, R, 6}, at::kFloat);
+  expect(stats, "stats", {S, N, R, kRecordFloats}, at::kFloat);
   expect(argmax, "argmax", {S, N, R}, at::kLong);
   expect(values, "values", {S, N, kept}, at::kFloat);
   expect(tokens, "tokens", {S, N, kept}, at::kLong);

@@ -30,8 +30,8 @@ struct Candidates {
 
 // Phase 1 over one vocab shard (sled.partials): what the shard contributes, independent of V.
 struct Partials {
-  at::Tensor stats;      // [N, R, 6] float32: RowStats without argmax (max, d_at_max, rest_sum,
-                         // rest_sq, rest_dot, d_sq)
+  at::Tensor stats;      // [N, R, kRecordFloats] float32: RowStats without argmax
+                         // (sled_math.h, store_record)
   at::Tensor argmax;     // [N, R] int64, global token ids (-1: the shard is empty)
   at::Tensor values;     // [N, k] float32 final logits of the shard's best tokens (any order)
   at::Tensor tokens;     // [N, k] int64 global ids; -1 pads (last) a shard of fewer than k tokens

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 import sled_ext
 from sled_ext import distributed
+from two_phase import combine_and_evolve
 
 K = 10
 
@@ -31,23 +32,9 @@ def on(device, *tensors):
 
 
 def sharded_topk(hidden, weight, bias, shards, iterations, rate=2.0, **kw):
-    """Both phases in one process: what the ranks compute, with the all-gather as a stack."""
     parts = [sled_ext.partials(hidden, weight[a:b], bias[a:b], vocab_offset=a, evolution_scale=K,
                                keep_final=iterations > 1, **kw) for a, b in shards]
-    stacked = [torch.stack([p[i] for p in parts]) for i in range(5)]
-    tokens, values, delta, softmax = sled_ext.combine(*stacked, evolution_scale=K)
-    rows = [p[5] for p in parts]
-
-    def reduce_softmax(_local):  # every shard's statistics, as the all-gather would give them
-        return distributed.merge_softmax(torch.stack([distributed.local_softmax(r) for r in rows]))
-
-    if iterations == 1:
-        values = distributed.evolve(values, delta, softmax, rate, 1)
-    else:  # each shard's slice moves; the candidates' values are the same on every shard
-        full = torch.cat(rows, dim=1)
-        values = distributed.evolve(values, delta, softmax, rate, iterations, full, tokens, 0)
-        assert torch.equal(full, torch.cat(rows, dim=1))  # evolve moves a copy
-    return distributed.sort_topk(values, tokens)
+    return combine_and_evolve(parts, K, iterations, rate)
 
 
 @pytest.mark.parametrize("iterations", [1, 4])
@@ -82,6 +69,36 @@ def test_a_shard_without_any_of_the_top_k(device):
     expected = sled_ext.evolve_topk(hidden, weight, bias, evolution_scale=K)
     assert torch.equal(got[1], expected[1])
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_shards_merge_what_the_noise_floor_reads(iterations, device):
+    """Premature row 0 equals the final row up to rounding on the first shards and differs on the
+    last one only: its contrast counts, which no shard can tell alone. Row 1 is a constant shift
+    of the final row plus rounding everywhere: no contrast, though every shard holds some."""
+    final = torch.randn(3, 1003) * 2
+    rounding = 1e-7 * final.abs().amax() * torch.rand(3, 1003)
+    logits = torch.stack([final + rounding, final + 4.0 + rounding, final])
+    logits[0, :, 900:] += torch.randn(3, 103)
+    logits = logits.to(device)
+    expected = sled_ext.evolve_logits_topk(logits, evolution_scale=K, iterations=iterations)
+    reference = sled_ext.reference.evolve_logits(logits.cpu(), K, 2.0, float("-inf"), iterations,
+                                                 dtype=torch.float64)
+    torch.testing.assert_close(expected[0].cpu().double(),
+                               sled_ext.reference.topk_of(reference, K)[0], atol=1e-4, rtol=2e-5)
+    without_row_0 = sled_ext.evolve_logits_topk(logits[1:], evolution_scale=K,
+                                                iterations=iterations)
+    assert (expected[0] - without_row_0[0]).abs().max() > 0.1  # row 0's contrast counts
+    final_alone = sled_ext.evolve_logits_topk(logits[[2, 2]], evolution_scale=K,
+                                              iterations=iterations)
+    torch.testing.assert_close(without_row_0, final_alone, atol=1e-5, rtol=1e-6)  # row 1's not
+    for bounds in ([], [300, 600], [899, 900]):
+        parts = [sled_ext.partials_logits(logits[..., a:b], vocab_offset=a, evolution_scale=K,
+                                          keep_final=iterations > 1)
+                 for a, b in split(1003, bounds)]
+        got = combine_and_evolve(parts, K, iterations)
+        assert torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-6)
 
 
 def test_partials_pad_small_shards_and_their_size_ignores_the_vocab(device):

@@ -7,6 +7,7 @@ import torch
 
 import sled_ext
 from sled_ext import reference as ref
+from sled_ext._C import RECORD_FLOATS
 from tolerance import assert_matches_reference
 
 LB = -1000.0
@@ -157,6 +158,78 @@ def test_premature_layer_identical_to_final(device):
     step = final - 2.0 * torch.softmax(final, -1)
     kept = out.cpu() != LB
     torch.testing.assert_close(out.cpu()[kept].double(), step[kept], atol=1e-5, rtol=1e-6)
+
+
+def no_contrast(final, k, iterations, rate=2.0):
+    """The float64 result of SLED without any layer contrast: final logits [N, V] evolved alone."""
+    final = final.double().cpu()
+    return ref.evolve_logits(torch.stack([final, final]), k, rate, LB, iterations,
+                             dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,k", [(2, 1), (3, 1000)])
+def test_a_layer_with_the_final_hidden_state_has_no_contrast(device, dtype, R, k):
+    """The issue's case: several positions, a premature hidden state equal to the final one. A
+    batched projection may round the two rows differently; that must not become a contrast."""
+    hidden, weight, bias = make_inputs(R, 6, 64, 1000, dtype, True, device)
+    hidden[0] = hidden[-1]
+    out = sled_ext.evolve(hidden, weight, bias, evolution_scale=k, evolution_lower_bound=LB,
+                          iterations=10)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), bias.cpu(), k, 2.0, LB, 10,
+                          dtype=torch.float64)
+    assert_matches_reference(out, expected, k, LB)
+    if R == 2:
+        final = ref.project(hidden[-1].cpu(), weight.cpu(), bias.cpu(), dtype=torch.float64)
+        assert_matches_reference(out, no_contrast(final, k, 10), k, LB)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_rounding_level_differences_are_no_contrast(device, k):
+    """Hidden states 1e-7 apart (the size of float32 rounding) project to logits whose difference
+    is below the noise floor: no contrast, in the op and in the float64 reference alike."""
+    hidden, weight, bias = make_inputs(2, 5, 256, 3000, torch.float32, True, device)
+    hidden[0] = hidden[-1] * (1 + 1e-7 * torch.randn_like(hidden[-1]))
+    out = sled_ext.evolve(hidden, weight, bias, evolution_scale=k, evolution_lower_bound=LB,
+                          iterations=10)
+    final = ref.project(hidden[-1].cpu(), weight.cpu(), bias.cpu(), dtype=torch.float64)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), bias.cpu(), k, 2.0, LB, 10,
+                          dtype=torch.float64)
+    assert_matches_reference(out, expected, k, LB)
+    assert_matches_reference(out, no_contrast(final, k, 10), k, LB)
+
+
+def test_logits_rounded_in_another_order_are_no_contrast(device):
+    """The logits form, fed what a batched projection gives: the same hidden state's logits
+    summed in another order, so the rows differ by float32 rounding only."""
+    hidden, weight, _ = make_inputs(2, 4, 512, 5000, torch.float32)
+    order = torch.randperm(512)
+    final = hidden[-1] @ weight.T
+    logits = torch.stack([hidden[-1][:, order] @ weight[:, order].T, final]).to(device)
+    assert bool((logits[0] != logits[1]).any()), "the test needs rows that differ by rounding"
+    for k, iterations in ((1, 10), (10, 1), (5000, 3)):
+        out = check_logits_case(logits, k, iterations=iterations)
+        assert_matches_reference(out, no_contrast(final, k, iterations), k, LB)
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_noise_floor_boundary(device, shift):
+    """A premature row = final row + a constant + a spread of 1/8 of the floor has no contrast;
+    with a spread of 8 times the floor its contrast counts (op and reference agree on both)."""
+    final = torch.randn(3, 2000, dtype=torch.float64) * 2
+    wiggle = torch.rand(3, 2000, dtype=torch.float64)
+    wiggle = wiggle - wiggle.amin(-1, keepdim=True)
+    wiggle = wiggle / wiggle.amax(-1, keepdim=True)  # spread exactly 1
+    size = (final.abs() + shift).amax(-1, keepdim=True)  # the largest |logit| of either row
+    for factor, floored in ((1 / 8, True), (8, False)):
+        premature = final + shift + factor * sled_ext.reference.NOISE_FLOOR * size * wiggle
+        logits = torch.stack([premature, final]).float().to(device)
+        out = check_logits_case(logits, 10, iterations=3)
+        plain = no_contrast(logits[1], 10, 3).to(out.device).float()
+        if floored:
+            assert_matches_reference(out, plain.double(), 10, LB)
+        else:
+            assert (out - plain).abs().max() > 0.1
 
 
 def test_all_zero_weights(device):
@@ -372,9 +445,9 @@ def test_cuda_rejects_more_rows_than_it_stages():
         return torch.zeros(shape, dtype=dtype, device="cuda")
     S, N, R, kept = 1, 1, 129, 1
     with pytest.raises(ValueError, match="at most 128 stacked rows"):
-        sled_ext.combine(zeros(S, N, R, 6), zeros(S, N, R, dtype=torch.long), zeros(S, N, kept),
-                         zeros(S, N, kept, dtype=torch.long), zeros(S, N, kept, R - 1),
-                         evolution_scale=1)
+        sled_ext.combine(zeros(S, N, R, RECORD_FLOATS), zeros(S, N, R, dtype=torch.long),
+                         zeros(S, N, kept), zeros(S, N, kept, dtype=torch.long),
+                         zeros(S, N, kept, R - 1), evolution_scale=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

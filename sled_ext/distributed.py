@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _C  # noqa: F401  (registers torch.ops.sled)
+from . import _C  # registers torch.ops.sled
 
 # torch >= 2.14 renamed all_gather_into_tensor; the GPU machines' torch 2.11 has the old name only.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -115,4 +115,4 @@ def evolve_topk(hidden, weight_shard, bias_shard=None, *, vocab_offset: int, gro
 
 def partials_bytes(positions: int, rows: int, k: int) -> int:
     """Bytes one rank contributes to the all-gather of a step (independent of the vocab)."""
-    return positions * (rows * (6 * 4 + 8) + k * (4 + 8 + 4 * (rows - 1)))
+    return positions * (rows * (_C.RECORD_FLOATS * 4 + 8) + k * (4 + 8 + 4 * (rows - 1)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.sled)
+from . import _C  # loading the library registers torch.ops.sled
 
 def evolve(hidden, weight, bias=None, *, evolution_scale=10, evolution_rate=2.0,
            evolution_lower_bound=-1000.0, iterations=1, logit_scale=1.0, softcap=0.0):
@@ -41,8 +41,9 @@ def evolve_logits_topk(logits, *, evolution_scale=10, evolution_rate=2.0, iterat
 def partials(hidden, weight_shard, bias_shard=None, *, vocab_offset, evolution_scale=10,
              logit_scale=1.0, softcap=0.0, keep_final=False):
     """Phase 1 over one vocab shard (rows ``[vocab_offset, vocab_offset + V_r)`` of the head):
-    ``(stats [N, R, 6], argmax [N, R], values [N, k], tokens [N, k], premature [N, k, L],
-    final_rows [N, V_r or 0])``; see :mod:`sled_ext.distributed`."""
+    ``(stats [N, R, 9], argmax [N, R], values [N, k], tokens [N, k], premature [N, k, L],
+    final_rows [N, V_r or 0])``; see :mod:`sled_ext.distributed`. ``stats`` holds per row what
+    ``store_record`` in ``csrc/sled_math.h`` lists."""
     return torch.ops.sled.partials.default(hidden, weight_shard, bias_shard, vocab_offset,
                                            evolution_scale, logit_scale, softcap, keep_final)
 
@@ -107,7 +108,7 @@ def _(logits, evolution_scale, evolution_rate, iterations=1, logit_scale=1.0, so
 
 def _partials_outputs(rows, shard_vocab, k, keep_final):
     R, N, f32, i64 = rows.shape[0], rows.shape[1], torch.float32, torch.int64
-    return (rows.new_empty((N, R, 6), dtype=f32), rows.new_empty((N, R), dtype=i64),
+    return (rows.new_empty((N, R, _C.RECORD_FLOATS), dtype=f32), rows.new_empty((N, R), dtype=i64),
             rows.new_empty((N, k), dtype=f32), rows.new_empty((N, k), dtype=i64),
             rows.new_empty((N, k, R - 1), dtype=f32),
             rows.new_empty((N, shard_vocab if keep_final else 0), dtype=f32))

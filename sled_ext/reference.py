@@ -6,11 +6,19 @@ oracle the tests trust and the baseline the benchmarks beat; keep it plain.
 
 ``dtype`` is the arithmetic type: float32 is the published behaviour (which loses accuracy when a
 premature layer is nearly sure of one token), float64 is the oracle the kernels are held to.
+
+One rule is this project's, not the published code's: the noise floor. A premature layer whose
+logits equal the final row's up to a constant and float32 rounding (``NOISE_FLOOR``, defined with
+the kernels in ``csrc/sled_math.h``) has no contrast; without it step 3's normalisations
+(``docs/algorithm.md``) would turn the rounding of a batched projection into a full-strength
+contrast.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._C import NOISE_FLOOR
 
 
 def project(hidden, weight, bias=None, dtype=torch.float32):
@@ -32,6 +40,15 @@ def top_tokens(final_logits, k):
     return torch.sort(final_logits, descending=True, stable=True).indices[:k]
 
 
+def within_noise_floor(premature, final):
+    """``[L]``: whether each premature row is the final row up to a constant plus at most
+    ``NOISE_FLOOR`` times the largest ``|logit|`` of the two rows (never for non-finite rows)."""
+    divergence = premature - final
+    spread = divergence.amax(-1) - divergence.amin(-1)
+    size = torch.maximum(premature.abs().amax(-1), final.abs().amax())
+    return (spread <= NOISE_FLOOR * size) & torch.isfinite(size)
+
+
 def evolve_position(logits, k, rate, lower_bound, iterations=1):
     """docs/algorithm.md steps 1-6 for one position: ``logits`` is ``[R, V]``, premature rows
     first."""
@@ -46,6 +63,7 @@ def evolve_position(logits, k, rate, lower_bound, iterations=1):
     cosine = F.cosine_similarity(candidate_gradients, divergence[:, None, :], dim=2)  # [L, k]
 
     weights = cosine.clamp(min=0) ** 2
+    weights[within_noise_floor(premature, final)] = 0
     layer_sums = weights.sum(dim=1)
     nonzero = layer_sums != 0
     weights[nonzero] /= layer_sums[nonzero, None]

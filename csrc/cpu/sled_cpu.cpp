@@ -461,7 +461,7 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
   });
 
   Partials out;
-  out.stats = at::empty({N, R, 6}, f32);
+  out.stats = at::empty({N, R, kRecordFloats}, f32);
   out.argmax = at::empty({N, R}, f32.dtype(at::kLong));
   out.values = at::empty({N, k}, f32);
   out.tokens = at::empty({N, k}, f32.dtype(at::kLong));
@@ -471,8 +471,7 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
     for (int64_t r = 0; r < R; ++r) {
       RowStats s = empty_stats<ScalarLanes>();
       for (const ChunkResult& result : results) s = merge(s, result.stats[r * N + n]);
-      const float fields[6] = {s.max, s.d_at_max, s.rest_sum, s.rest_sq, s.rest_dot, s.d_sq};
-      std::copy_n(fields, 6, out.stats.data_ptr<float>() + (n * R + r) * 6);
+      store_record(s, out.stats.data_ptr<float>() + (n * R + r) * kRecordFloats);
       out.argmax.data_ptr<int64_t>()[n * R + r] = s.argmax;
     }
   }
@@ -524,10 +523,9 @@ Selection combine_cpu(const Partials& in, int64_t k) {
       for (int64_t r = 0; r < R; ++r) {  // shards merge in order
         RowStats merged = empty_stats<ScalarLanes>();
         for (int64_t s = 0; s < S; ++s) {
-          const float* f = stats.data_ptr<float>() + ((s * N + n) * R + r) * 6;
+          const float* f = stats.data_ptr<float>() + ((s * N + n) * R + r) * kRecordFloats;
           const int64_t a = argmax.data_ptr<int64_t>()[(s * N + n) * R + r];
-          merged = merge(merged, RowStats{f[0], static_cast<int32_t>(a), f[1], f[2], f[3], f[4],
-                                          f[5]});
+          merged = merge(merged, load_record(f, static_cast<int32_t>(a)));
         }
         row_stats[r] = merged;
       }
@@ -553,7 +551,8 @@ Selection combine_cpu(const Partials& in, int64_t k) {
         float sum = 0.f;
         for (int64_t i = 0; i < k; ++i) {
           const float z = z_at(i, l);
-          const float w = contrast_weight(row_stats[l], z, z - value(picks[i]), token(picks[i]));
+          const float w = contrast_weight(row_stats[l], row_stats[R - 1], z, z - value(picks[i]),
+                                          token(picks[i]));
           weights[l * k + i] = w;
           sum += w;
         }

@@ -75,7 +75,7 @@ struct Params {
   float* out_values;          // [N][k]: evolved values; final logits (partials, combine)
   int64_t* out_tokens;        // [N][k]
   float* full;                // [N][V] or null
-  float* out_stats;           // partials: [N][R][6] RowStats without argmax
+  float* out_stats;           // partials: [N][R][kRecordFloats] (store_record)
   int64_t* out_argmax;        // partials: [N][R]
   float* out_premature;       // partials: [N][k][L]
   float* out_delta;           // combine: [N][k]
@@ -99,7 +99,10 @@ __device__ RowStats shfl_xor_stats(const RowStats& s, int offset) {
           __shfl_xor_sync(kFullMask, s.rest_sum, offset),
           __shfl_xor_sync(kFullMask, s.rest_sq, offset),
           __shfl_xor_sync(kFullMask, s.rest_dot, offset),
-          __shfl_xor_sync(kFullMask, s.d_sq, offset)};
+          __shfl_xor_sync(kFullMask, s.d_sq, offset),
+          __shfl_xor_sync(kFullMask, s.z_min, offset),
+          __shfl_xor_sync(kFullMask, s.d_min, offset),
+          __shfl_xor_sync(kFullMask, s.d_max, offset)};
 }
 
 // Every lane ends with the merge of all lanes' statistics (merge is symmetric, so lanes agree).
@@ -341,7 +344,8 @@ __device__ void offer_tile(const Params& p, const SharedTile& s, int64_t block_p
 
 __device__ __forceinline__ RowStats load_stats(const RowStats* s) {
   return {__ldcg(&s->max), __ldcg(&s->argmax), __ldcg(&s->d_at_max), __ldcg(&s->rest_sum),
-          __ldcg(&s->rest_sq), __ldcg(&s->rest_dot), __ldcg(&s->d_sq)};
+          __ldcg(&s->rest_sq), __ldcg(&s->rest_dot), __ldcg(&s->d_sq), __ldcg(&s->z_min),
+          __ldcg(&s->d_min), __ldcg(&s->d_max)};
 }
 
 struct FinishShared {
@@ -370,8 +374,7 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     if (lane == 0) {
       f.stats[r] = s;
       if constexpr (mode == Mode::kPartials) {
-        const float fields[6] = {s.max, s.d_at_max, s.rest_sum, s.rest_sq, s.rest_dot, s.d_sq};
-        for (int i = 0; i < 6; ++i) p.out_stats[(n * p.R + r) * 6 + i] = fields[i];
+        store_record(s, p.out_stats + (n * p.R + r) * kRecordFloats);
         p.out_argmax[n * p.R + r] = s.argmax;
       }
     }
@@ -466,7 +469,8 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
   const auto weight_of = [&](int64_t l, int64_t i) {
     const int64_t c = pick[i];
     const float z = __ldcg(&p.cand_carried[c * L + l]);
-    return contrast_weight(f.stats[l], z, z - __ldcg(&p.cand_value[c]), __ldcg(&p.cand_token[c]));
+    return contrast_weight(f.stats[l], f.stats[p.R - 1], z, z - __ldcg(&p.cand_value[c]),
+                           __ldcg(&p.cand_token[c]));
   };
   for (int64_t l = warp; l < L; l += kWarps) {
     float sum = 0.f;
@@ -775,8 +779,8 @@ Partials partials_cuda(const Problem& problem, int64_t vocab_offset, bool keep_f
   FusedLaunch l(problem, vocab_offset, keep_final);
   const int64_t N = l.p.N, R = l.p.R, k = l.p.k;
   const auto f32 = l.options.dtype(at::kFloat), i64 = l.options.dtype(at::kLong);
-  Partials out{at::empty({N, R, 6}, f32), at::empty({N, R}, i64), at::empty({N, k}, f32),
-               at::empty({N, k}, i64), at::empty({N, k, l.p.L}, f32),
+  Partials out{at::empty({N, R, kRecordFloats}, f32), at::empty({N, R}, i64),
+               at::empty({N, k}, f32), at::empty({N, k}, i64), at::empty({N, k, l.p.L}, f32),
                keep_final ? l.keep.back() : at::empty({N, 0}, f32)};
   l.p.out_stats = out.stats.data_ptr<float>();
   l.p.out_argmax = out.argmax.data_ptr<int64_t>();
@@ -794,9 +798,11 @@ Selection combine_cuda(const Partials& in, int64_t k) {
   const auto options = in.stats.options();
   // Lay the shards' partials out as the fused kernel's per-block workspace: RowStats records
   // (argmax as int32 bits in the second field), int32 tokens, valid-candidate counts.
+  static_assert(sizeof(RowStats) == (kRecordFloats + 1) * sizeof(float),
+                "RowStats must be the record with argmax after its first field");
   const at::Tensor argmax_bits = in.argmax.to(at::kInt).view(at::kFloat).unsqueeze(-1);
   const at::Tensor stats = at::cat({in.stats.narrow(3, 0, 1), argmax_bits,
-                                    in.stats.narrow(3, 1, 5)}, 3).contiguous();
+                                    in.stats.narrow(3, 1, kRecordFloats - 1)}, 3).contiguous();
   const at::Tensor values = in.values.contiguous(), premature = in.premature.contiguous();
   const at::Tensor tokens = in.tokens.to(at::kInt).contiguous();
   const at::Tensor counts = (in.tokens >= 0).sum(-1).to(at::kInt).contiguous();

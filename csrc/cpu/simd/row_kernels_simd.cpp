@@ -28,14 +28,18 @@ struct VecLanes {
     return Vec::blendv(if_false, if_true, m);
   }
   static Vec exp_neg_abs(const Vec& x) { return x.abs().neg().exp(); }
+  static Vec minimum(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }  // keep NaN
+  static Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
 };
 using LaneStats = RowStatsT<VecLanes>;
-constexpr int kLaneFields = 7;  // the fields of RowStatsT, in declaration order
+constexpr int kLaneFields = 10;  // the fields of RowStatsT, in declaration order
+static_assert(sizeof(LaneStats) == kLaneFields * sizeof(Vec), "kLaneFields must match RowStatsT");
 
 LaneStats load_lanes(const float* s) {
   return {Vec::loadu(s), Vec::loadu(s + kWidth), Vec::loadu(s + 2 * kWidth),
           Vec::loadu(s + 3 * kWidth), Vec::loadu(s + 4 * kWidth), Vec::loadu(s + 5 * kWidth),
-          Vec::loadu(s + 6 * kWidth)};
+          Vec::loadu(s + 6 * kWidth), Vec::loadu(s + 7 * kWidth), Vec::loadu(s + 8 * kWidth),
+          Vec::loadu(s + 9 * kWidth)};
 }
 
 void store_lanes(const LaneStats& l, float* s) {
@@ -46,6 +50,9 @@ void store_lanes(const LaneStats& l, float* s) {
   l.rest_sq.store(s + 4 * kWidth);
   l.rest_dot.store(s + 5 * kWidth);
   l.d_sq.store(s + 6 * kWidth);
+  l.z_min.store(s + 7 * kWidth);
+  l.d_min.store(s + 8 * kWidth);
+  l.d_max.store(s + 9 * kWidth);
 }
 
 void clear_lanes(float* lanes, int64_t rows) {
@@ -75,7 +82,8 @@ void merge_lanes(const float* lanes, RowStats& stats, int32_t chunk_first_token)
     const auto field = [&](int f) { return lanes[f * kWidth + lane]; };
     if (field(1) < 0) continue;  // an empty lane
     stats = merge(stats, RowStats{field(0), chunk_first_token + static_cast<int32_t>(field(1)),
-                                  field(2), field(3), field(4), field(5), field(6)});
+                                  field(2), field(3), field(4), field(5), field(6), field(7),
+                                  field(8), field(9)});
   }
 }
 
