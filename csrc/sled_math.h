@@ -99,8 +99,18 @@ SLED_HD void merge_extremes(RowStats& a, const RowStats& b) {
 
 // Statistics of the union of two disjoint token sets. Ties in the maximum go to the lower token.
 SLED_HD RowStats merge(RowStats a, RowStats b) {
-  if (b.argmax < 0) return a;
-  if (a.argmax < 0) return b;
+  if (a.argmax < 0 || b.argmax < 0) {
+    // A side without a maximum saw no tokens (zero sums) or only NaNs (NaN sums): it adds
+    // nothing but its NaNs, which must not vanish with it.
+    RowStats& kept = a.argmax < 0 ? b : a;
+    const RowStats& other = a.argmax < 0 ? a : b;
+    kept.rest_sum += other.rest_sum;
+    kept.rest_sq += other.rest_sq;
+    kept.rest_dot += other.rest_dot;
+    kept.d_sq += other.d_sq;
+    merge_extremes(kept, other);
+    return kept;
+  }
   if (b.max > a.max || (b.max == a.max && b.argmax < a.argmax)) {
     const RowStats t = a;
     a = b;

@@ -341,6 +341,19 @@ def test_non_finite_inputs_stay_in_their_position(device):
         assert all(len(set(row.tolist())) == 10 for row in indices)
 
 
+@pytest.mark.parametrize("V", [11, 16, 1003])
+def test_a_nan_logit_nothing_keeps_still_poisons_its_position(device, V):
+    """A NaN outside the top-k, in a premature row, at the vocab's end: where the CPU kernel's last
+    SIMD lanes and scalar tail hold it alone (it was once dropped there with them)."""
+    logits = torch.randn(3, 2, V, device=device)
+    logits[0, 1, V - 1] = float("nan")
+    logits[-1, 1, V - 1] = -50.0  # never kept
+    out = sled_ext.evolve_logits(logits, evolution_scale=2, evolution_lower_bound=LB)
+    assert bool(out[1].isnan().any())
+    assert torch.equal(out[0], sled_ext.evolve_logits(logits[:, :1], evolution_scale=2,
+                                                      evolution_lower_bound=LB)[0])
+
+
 def test_non_finite_weight_does_not_crash(device):
     hidden, weight, bias = make_inputs(4, 3, 32, 1000, torch.float32, True, device)
     for bad in (float("nan"), float("inf")):

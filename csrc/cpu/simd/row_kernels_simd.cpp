@@ -80,10 +80,11 @@ void fold_row(float* lanes, RowStats& stats, const float* z, const float* final_
 void merge_lanes(const float* lanes, RowStats& stats, int32_t chunk_first_token) {
   for (int64_t lane = 0; lane < kWidth; ++lane) {
     const auto field = [&](int f) { return lanes[f * kWidth + lane]; };
-    if (field(1) < 0) continue;  // an empty lane
-    stats = merge(stats, RowStats{field(0), chunk_first_token + static_cast<int32_t>(field(1)),
-                                  field(2), field(3), field(4), field(5), field(6), field(7),
-                                  field(8), field(9)});
+    // A lane without a maximum (argmax -1) may still hold NaNs, which merge keeps.
+    const int32_t argmax =
+        field(1) < 0 ? -1 : chunk_first_token + static_cast<int32_t>(field(1));
+    stats = merge(stats, RowStats{field(0), argmax, field(2), field(3), field(4), field(5),
+                                  field(6), field(7), field(8), field(9)});
   }
 }
 
