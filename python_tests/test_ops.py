@@ -271,6 +271,17 @@ def test_dominant_premature_token_is_exact(device):
     assert published_error > 1e-3  # the float32 published math does lose accuracy here
 
 
+def test_the_oracle_is_exact_for_a_layer_sure_of_its_token(device):
+    """A premature layer leading by 37 nats: 1 - p_a is below float64's resolution, so the plain
+    float64 p - e_a points the wrong way (found by the fuzzing). Here the exact cosine is negative,
+    no contrast: the evolved value is the final logit minus rate * its probability."""
+    logits = torch.tensor([[[13.0, -24.0]], [[-5.7, -31.3]]])
+    out = check_logits_case(logits.to(device), 1, rate=0.5)
+    final = logits[-1, 0].double()
+    expected = final[0] - 0.5 * torch.softmax(final, -1)[0]
+    torch.testing.assert_close(out[0, 0].cpu().double(), expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_empty_batch(device, dtype):
     hidden, weight, bias = make_inputs(3, 0, 16, 100, dtype, True, device)

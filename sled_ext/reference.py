@@ -5,7 +5,8 @@ One vocab-head call per layer, softmaxes over the whole vocab, an explicit ``[L,
 oracle the tests trust and the baseline the benchmarks beat; keep it plain.
 
 ``dtype`` is the arithmetic type: float32 is the published behaviour (which loses accuracy when a
-premature layer is nearly sure of one token), float64 is the oracle the kernels are held to.
+premature layer is nearly sure of one token), float64 is the oracle the kernels are held to (there
+``1 - p_i`` is the sum of the other probabilities, so it is exact however sure the layer is).
 
 One rule is this project's, not the published code's: the noise floor. A premature layer whose
 logits equal the final row's up to a constant and float32 rounding (``NOISE_FLOOR``, defined with
@@ -59,7 +60,15 @@ def evolve_position(logits, k, rate, lower_bound, iterations=1):
     p_premature = F.softmax(premature, dim=-1)
     divergence = premature - final
     candidate_gradients = p_premature[:, None, :].expand(num_layers, k, vocab).clone()
-    candidate_gradients[:, torch.arange(k), topk] -= 1  # p_l - e_i for every i in the top-k
+    candidates = (slice(None), torch.arange(k), topk)
+    if logits.dtype == torch.float64:
+        # The oracle takes p_i - 1 as minus the other probabilities: float64 cancels too once a
+        # layer leads by more than about 23 nats (SPEC, "the one trap"); float32 is published.
+        others = candidate_gradients.clone()
+        others[candidates] = 0
+        candidate_gradients[candidates] = -others.sum(-1)
+    else:
+        candidate_gradients[candidates] -= 1  # p_l - e_i for every i in the top-k
     cosine = F.cosine_similarity(candidate_gradients, divergence[:, None, :], dim=2)  # [L, k]
 
     weights = cosine.clamp(min=0) ** 2
