@@ -50,29 +50,36 @@ def within_noise_floor(premature, final):
     return (spread <= NOISE_FLOOR * size) & torch.isfinite(size)
 
 
-def evolve_position(logits, k, rate, lower_bound, iterations=1):
-    """docs/algorithm.md steps 1-6 for one position: ``logits`` is ``[R, V]``, premature rows
-    first."""
-    premature, final = logits[:-1], logits[-1]
+def contrast_weights(premature, final, topk):
+    """``[L, k]``: ``max(cos(p_l - e_i, z_l - z_N), 0)^2`` for every premature row ``l`` and
+    candidate ``i`` (steps 2-3 before the normalisations), zero within the noise floor."""
     num_layers, vocab = premature.shape
-    topk = top_tokens(final, k)
-
+    k = topk.numel()
     p_premature = F.softmax(premature, dim=-1)
     divergence = premature - final
     candidate_gradients = p_premature[:, None, :].expand(num_layers, k, vocab).clone()
     candidates = (slice(None), torch.arange(k), topk)
-    if logits.dtype == torch.float64:
+    if premature.dtype == torch.float64:
         # The oracle takes p_i - 1 as minus the other probabilities: float64 cancels too once a
-        # layer leads by more than about 23 nats (SPEC, "the one trap"); float32 is published.
+        # layer leads by more than about 23 nats (docs/algorithm.md, "Numerics"); float32 is the
+        # published formula.
         others = candidate_gradients.clone()
         others[candidates] = 0
         candidate_gradients[candidates] = -others.sum(-1)
     else:
         candidate_gradients[candidates] -= 1  # p_l - e_i for every i in the top-k
     cosine = F.cosine_similarity(candidate_gradients, divergence[:, None, :], dim=2)  # [L, k]
-
     weights = cosine.clamp(min=0) ** 2
     weights[within_noise_floor(premature, final)] = 0
+    return weights
+
+
+def evolve_position(logits, k, rate, lower_bound, iterations=1):
+    """docs/algorithm.md steps 1-6 for one position: ``logits`` is ``[R, V]``, premature rows
+    first."""
+    premature, final = logits[:-1], logits[-1]
+    topk = top_tokens(final, k)
+    weights = contrast_weights(premature, final, topk)
     layer_sums = weights.sum(dim=1)
     nonzero = layer_sums != 0
     weights[nonzero] /= layer_sums[nonzero, None]
