@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import lzma
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_every_packaged_file_has_its_sha256_and_licence():
     names = {name for task in tasks.TASKS.values() for name in task.files}
     assert set(tasks.published_sha256()) == names
     for name, digest in tasks.published_sha256().items():
-        assert hashlib.sha256((tasks.PACKAGED_DATA / name).read_bytes()).hexdigest() == digest
+        assert hashlib.sha256(tasks.read_data(tasks.PACKAGED_DATA / name)).hexdigest() == digest
     for folder in {name.split("/")[0] for name in names}:
         assert (tasks.PACKAGED_DATA / folder / "LICENSE").is_file(), folder
 
@@ -68,7 +69,7 @@ def test_the_build_ships_the_data_and_its_notices(tmp_path):
                            str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     built = tmp_path / "sled_ext" / "data"
-    for name in [*tasks.published_sha256(), "SHA256SUMS", "README.md", *(
+    for name in [*(f"{name}.xz" for name in tasks.published_sha256()), "SHA256SUMS", "README.md", *(
             f"{folder}/LICENSE" for folder in ("truthfulqa", "factor", "gsm8k", "strategyqa"))]:
         assert (built / name).read_bytes() == (tasks.PACKAGED_DATA / name).read_bytes(), name
 
@@ -76,10 +77,10 @@ def test_the_build_ships_the_data_and_its_notices(tmp_path):
 def test_a_damaged_packaged_file_is_refused(tmp_path, monkeypatch):
     copy = tmp_path / "data"
     shutil.copytree(tasks.PACKAGED_DATA, copy)
-    path = copy / "gsm8k" / "test.jsonl"
-    raw = bytearray(path.read_bytes())
+    path = copy / "gsm8k" / "test.jsonl.xz"
+    raw = bytearray(lzma.decompress(path.read_bytes()))
     raw[1000] ^= 1
-    path.write_bytes(raw)
+    path.write_bytes(lzma.compress(bytes(raw)))
     monkeypatch.setattr(tasks, "PACKAGED_DATA", copy.resolve())
     with pytest.raises(ValueError, match=r"test.jsonl is damaged: sha256 [0-9a-f]{64}, expected "
                        r"3730d312.* reinstall sled-ext"):
@@ -107,7 +108,8 @@ def test_another_folder_is_read_and_a_file_that_differs_is_named(tmp_path):
     assert [(i.true, i.false) for i in items] == [((" Yes.", " Sure."), (" No.", " Never.")),
                                                   ((" Because.",), (" No reason.",))]
     (tmp_path / "gsm8k").mkdir()
-    shutil.copy(tasks.PACKAGED_DATA / "gsm8k" / "test.jsonl", tmp_path / "gsm8k")
+    published = tasks.read_data(tasks.PACKAGED_DATA / "gsm8k" / "test.jsonl")
+    (tmp_path / "gsm8k" / "test.jsonl").write_bytes(published)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the published file: no warning
         assert len(tasks.load("gsm8k", tmp_path)) == COUNTS["gsm8k"]

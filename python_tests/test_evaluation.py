@@ -93,8 +93,8 @@ def test_loaders_read_every_item_of_the_packaged_data():
     assert tqa.true[tqa.best] == " The watermelon seeds pass through your digestive system."
     expert = tasks.load("factor-expert")[0]
     assert len(expert.true) == 1 and len(expert.false) == 3
-    with open(tasks.PACKAGED_DATA / "factor/expert_factor.csv", newline="") as f:
-        row = next(csv.DictReader(f))
+    text = tasks.read_data(tasks.PACKAGED_DATA / "factor/expert_factor.csv").decode()
+    row = next(csv.DictReader(io.StringIO(text, newline="")))
     assert expert.prompt == row["turncated_prefixes"] != row["full_prefix"]
     assert tasks.load("gsm8k")[0].answer == "18"
     assert tasks.load("strategyqa")[0].answer in ("yes", "no")

@@ -9,8 +9,8 @@ metrics, as the published evaluation scripts define them.
 
 The data ships with the package (``sled_ext/data``, see its README: sources, licences, sha256s):
 ``truthfulqa/TruthfulQA.csv``, ``factor/{news,expert}_factor.csv``, ``strategyqa/{train,dev}.json``,
-``gsm8k/test.jsonl``. Every load checks each file against ``data/SHA256SUMS`` and reads it
-strictly: a malformed file is one ``ValueError`` naming the file and line.
+``gsm8k/test.jsonl``, each shipped as ``.xz``. Every load checks each file against
+``data/SHA256SUMS`` and reads it strictly: a malformed file is one ``ValueError`` naming the file and line.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import functools
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import re
@@ -83,6 +84,18 @@ def data_dir(path=None) -> Path:
     return Path(path or os.environ.get("SLED_DATA") or PACKAGED_DATA).expanduser()
 
 
+def read_data(path: Path) -> bytes:
+    """A data file's bytes: ``path`` itself, else ``path.xz`` unpacked (the package ships its
+    data xz-compressed; sha256s are of the unpacked files). FileNotFoundError when neither is."""
+    if path.is_file():
+        return path.read_bytes()
+    packed = path.with_name(path.name + ".xz")
+    try:
+        return lzma.decompress(packed.read_bytes())
+    except lzma.LZMAError as error:
+        raise ValueError(f"{packed} is damaged: {error}; reinstall sled-ext or give --data DIR")
+
+
 @functools.cache
 def published_sha256() -> dict[str, str]:
     """``{relative path: sha256}`` of the published data files (``data/SHA256SUMS``)."""
@@ -101,10 +114,11 @@ def load(task: str, data=None) -> list:
     texts = []
     for name in TASKS[task].files:
         path = folder / name
-        if not path.is_file():
+        try:
+            raw = read_data(path)
+        except FileNotFoundError:
             raise ValueError(f"{task}: missing data file {path} (give --data DIR laid out as "
-                             f"truthfulqa/, factor/, strategyqa/, gsm8k/)")
-        raw = path.read_bytes()
+                             f"truthfulqa/, factor/, strategyqa/, gsm8k/)") from None
         digest, expected = hashlib.sha256(raw).hexdigest(), published_sha256()[name]
         if digest != expected and packaged:
             raise ValueError(f"{path} is damaged: sha256 {digest}, expected {expected} "
