@@ -212,14 +212,17 @@ def wait_until_quiet(max_wait_s):
         pass
 
 
-def machine_info(device):
-    cpu = platform.processor()
+def cpuinfo(field):
+    """The first `field` line of /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith(field))
     except (OSError, StopIteration):
-        pass
-    info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        return None
+
+
+def machine_info(device):
+    info = dict(cpu=cpuinfo("model name") or platform.processor(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
                 python=platform.python_version(), platform=platform.platform(),
                 load_average=os.getloadavg())
@@ -233,17 +236,9 @@ def machine_info(device):
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
         info["sled_cpu_kernels"] = sled_ext.cpu_kernels()
-        info["cpu_flags"] = sorted(flag for flag in cpu_flags()
+        info["cpu_flags"] = sorted(flag for flag in (cpuinfo("flags") or "").split()
                                    if flag.startswith(("avx", "amx", "fma")))
     return info
-
-
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
 
 
 def progress(message):

@@ -213,6 +213,7 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 struct Projection {
   Source source;
   int64_t group;   // positions per product
+  int64_t groups;  // products per tile: ceil(N / group), 0 for an empty batch
   int64_t depth;   // H, rounded up to even for brgemm (zero-padded)
   int64_t tile;    // weight rows per tile
   BLayout layout = BLayout::kNone;
@@ -224,7 +225,7 @@ struct Projection {
     group = std::min(N, group_positions(R, N));
     const int64_t rows = group * R;
     columns = (rows + kBrgemmBlock - 1) / kBrgemmBlock * kBrgemmBlock;
-    const int64_t groups = group > 0 ? (N + group - 1) / group : 0;  // N = 0: no groups
+    groups = group > 0 ? (N + group - 1) / group : 0;
     if (!p.projects()) {
       source = Source::kLogits;
     } else if (p.weight.scalar_type() == at::kFloat) {
@@ -271,12 +272,11 @@ at::Tensor hidden_rows(const Problem& p, const Projection& how) {
     padded.narrow(1, 0, H).copy_(rows);
     return padded;
   }
-  const int64_t groups = how.group > 0 ? (N + how.group - 1) / how.group : 0;
   at::Tensor padded = at::zeros({how.columns, how.depth}, rows.options());
   const int64_t per_row = how.layout == BLayout::kPairs ? 2 : 1;
   at::Tensor packed =
-      at::empty({groups, how.depth / per_row, how.columns, per_row}, rows.options());
-  for (int64_t i = 0; i < groups; ++i) {
+      at::empty({how.groups, how.depth / per_row, how.columns, per_row}, rows.options());
+  for (int64_t i = 0; i < how.groups; ++i) {
     const int64_t first = i * how.group * R, count = std::min(how.group * R, M - first);
     padded.narrow(0, 0, count).narrow(1, 0, H).copy_(rows.narrow(0, first, count));
     if (count < how.columns) padded.narrow(0, count, how.columns - count).zero_();
