@@ -60,17 +60,21 @@ def with_cuda() -> bool:
 
 
 def extension():
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000", *(["-DSLED_X86_LEVELS"] if ON_X86 else [])]
+    # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without the flag it
+    # compiles to a serial loop (torch's cpp_extension does not add it).
+    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000",
+           *(["-DSLED_X86_LEVELS"] if ON_X86 else [])]
     sources = ["csrc/sled_ops.cpp", "csrc/python_module.cpp", *glob.glob("csrc/cpu/*.cpp")]
     if not with_cuda():
         return CppExtension("sled_ext._C", sources, extra_compile_args={"cxx": cxx},
-                            py_limited_api=True)
+                            extra_link_args=["-fopenmp"], py_limited_api=True)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return CUDAExtension(
         "sled_ext._C",
         sources + glob.glob("csrc/cuda/*.cu"),
         define_macros=[("SLED_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
 

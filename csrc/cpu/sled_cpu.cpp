@@ -19,6 +19,12 @@
 #include "../sled_problem.h"
 #include "row_kernels.h"
 
+// ATen's OpenMP parallel_for is a pragma in its headers: compiled without OpenMP it silently runs
+// every chunk on the calling thread.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "build the CPU kernel with -fopenmp (torch's parallel backend is OpenMP)"
+#endif
+
 namespace sled {
 namespace {
 
