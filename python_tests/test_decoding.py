@@ -162,6 +162,15 @@ def test_custom_generate_integration():
     got = model.generate(ids, custom_generate=sled_ext.custom_generate("sled", evolution_scale=5),
                          max_new_tokens=7, do_sample=False, eos_token_id=None)
     assert torch.equal(got, expected)
+    # A left-padded batch: the caller's attention mask reaches the loop.
+    ids = prompt(5, seed=4, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    expected = sled_ext.generate(model, ids, mask, max_new_tokens=7, evolution_scale=5, **NO_EOS)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False,
+                         eos_token_id=None,
+                         custom_generate=sled_ext.custom_generate("sled", evolution_scale=5))
+    assert torch.equal(got, expected)
 
 
 def test_bad_settings_get_clear_errors():

@@ -234,7 +234,13 @@ def custom_generate(method="sled", **settings):
     transformers prepares inputs, logits processors and stopping criteria (max_new_tokens, eos,
     stop strings...) from its generation config, and this loop uses them."""
     def decoding_method(model, input_ids, logits_processor, stopping_criteria,
-                        generation_config, attention_mask=None, streamer=None, **_):
+                        generation_config, streamer=None, **model_kwargs):
+        # The mask comes among the model's inputs: naming it here would make transformers pass
+        # the caller's mask and the one it prepares, twice.
+        attention_mask = model_kwargs.get("attention_mask")
+        if generation_config.num_beams != 1:  # transformers would hand a beam search to this loop
+            raise ValueError(f"SLED, DoLa and greedy decode one sequence per row: num_beams must "
+                             f"be 1, got {generation_config.num_beams}")
         adapter = adapt(model)
         scorer = StepScorer(adapter, Method(method, **settings))
         pad = generation_config._pad_token_tensor
