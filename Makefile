@@ -18,7 +18,7 @@ setup: $(VENV)/.ready
 $(VENV)/.ready: Makefile
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis ninja pybind11 cmake setuptools wheel \
-		"transformers==5.24.0" gguf accelerate
+		"transformers==5.24.0" gguf accelerate "lm-eval==0.4.13"
 	touch $@
 
 build: setup

@@ -64,7 +64,7 @@ def chat_tokenizer():
     return tokenizer
 
 
-def tiny_chat_model(seed: int = 0):
+def tiny_chat_model(seed: int = 0, **overrides):
     """A tiny Llama whose vocabulary is :func:`chat_tokenizer`'s (``<|im_end|>`` ends a turn)."""
     return tiny_model("llama", seed, vocab_size=len(CHAT_SPECIALS) + 100, eos_token_id=0,
-                      bos_token_id=1, pad_token_id=2)
+                      bos_token_id=1, pad_token_id=2, **overrides)
