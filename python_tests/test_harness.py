@@ -127,6 +127,8 @@ def test_bad_model_args_and_rolling_are_clear_errors(folder):
         SledLM(folder, method="beam")
     with pytest.raises(ValueError, match="evolution_scale"):
         SledLM(folder, evolution_scale=10_000)
+    with pytest.raises(ValueError, match="batch_size must be an integer"):
+        SledLM(folder, batch_size="auto")
     with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
         SledLM(folder).loglikelihood_rolling(requests("loglikelihood_rolling", [("text",)]))
 

@@ -68,8 +68,9 @@ class SledLM(LM):
                              f"{', '.join(SETTINGS + SCORING_ONLY)}")
         if dtype not in DTYPES:
             raise ValueError(f"sled: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if not (isinstance(batch_size, int) and batch_size >= 1):  # max_batch_size serves "auto"
-            raise ValueError(f"sled: batch_size must be an integer >= 1, got {batch_size!r}")
+        if not (isinstance(batch_size, int) and batch_size >= 1) or max_batch_size is not None:
+            raise ValueError(f"sled: batch_size must be an integer >= 1 (no 'auto', no "
+                             f"max_batch_size), got {batch_size!r}")
         if "layers" in settings:
             settings["layers"] = _layers(settings["layers"])
         self.generation_settings = {k: v for k, v in settings.items() if k in SETTINGS}
