@@ -5,6 +5,9 @@
 // and each position's best final-row tokens are kept with the premature rows' logits there. Chunks
 // are merged in a fixed order, so results do not depend on thread scheduling. [R, N, V] never
 // exists; W is read once. The vectorised loops live in row_kernels.h, one copy per x86 level.
+//
+// The algorithm's steps, named as in the CUDA backend: fold_tile (per tile), merge_stats and
+// select_topk (a shard's partials), compute_contrast (combine: steps 2-4), evolve (step 5).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -378,101 +381,79 @@ class TileProjector {
   int64_t v0_ = 0, cols_ = 0;
 };
 
-}  // namespace
+// One thread's pass over chunks of tiles: each tile projected (TileProjector), then folded.
+class ChunkFolder {
+ public:
+  ChunkFolder(const Problem& p, const Projection& how, const at::Tensor& hidden,
+              const at::Tensor& bias, int64_t vocab_offset, at::Tensor& final_rows)
+      : p_(p), how_(how), kernels_(row_kernels()), projector_(p, how, hidden),
+        bias_(bias.defined() ? bias.data_ptr<float>() : nullptr), vocab_offset_(vocab_offset),
+        final_rows_(final_rows.numel() > 0 ? final_rows.data_ptr<float>() : nullptr),
+        logits_(how.group * p.num_rows * how.tile),
+        lanes_(p.num_rows * p.positions * kernels_.lane_state_floats) {}
 
-std::string cpu_kernels(at::ScalarType dtype) {
-  const char* widened = "widened to float32, sgemm";
-  const char* projection = dtype == at::kFloat ? "sgemm" : widened;
-  if (dtype != at::kFloat) {
-    switch (brgemm_layout(dtype)) {
-      case BLayout::kPairs: projection = "brgemm"; break;
-      case BLayout::kPlain: projection = "brgemm for few rows, else widened to float32, sgemm"; break;
-      case BLayout::kNone: break;
+  // Tiles [first_tile, last_tile) into `result`.
+  void fold_chunk(int64_t first_tile, int64_t last_tile, ChunkResult& result) {
+    const int64_t R = p_.num_rows, N = p_.positions, V = p_.vocab, tile = how_.tile;
+    const int64_t chunk_v0 = first_tile * tile;
+    const int64_t chunk_tokens = std::min(V, last_tile * tile) - chunk_v0;
+    result.stats.assign(R * N, empty_stats<ScalarLanes>());
+    result.heaps.clear();
+    for (int64_t n = 0; n < N; ++n) result.heaps.emplace_back(std::min(p_.k, chunk_tokens), R - 1);
+    kernels_.clear_lanes(lanes_.data(), R * N);
+    for (int64_t t = first_tile; t < last_tile; ++t) {
+      const int64_t v0 = t * tile, cols = std::min(tile, V - v0);
+      projector_.load_tile(v0, cols);
+      for (int64_t n0 = 0; n0 < N; n0 += how_.group) {
+        const int64_t g = std::min(how_.group, N - n0);
+        projector_.project(n0 / how_.group, n0 * R, g * R, logits_.data());
+        fold_tile(n0, g, v0, cols, v0 - chunk_v0, result);
+      }
+    }
+    const int32_t chunk_token0 = static_cast<int32_t>(vocab_offset_ + chunk_v0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t r = 0; r < R; ++r)
+        kernels_.merge_lanes(lanes_.data() + (n * R + r) * kernels_.lane_state_floats,
+                             result.stats[r * N + n], chunk_token0);
+  }
+
+ private:
+  // The logits of positions [n0, n0 + g) on tokens [v0, v0 + cols) (row r of position n at
+  // ((n - n0) * R + r) * cols): the epilogue, every row folded into its statistics, each
+  // position's final-row tokens offered to its candidates (algorithm.md step 1).
+  void fold_tile(int64_t n0, int64_t g, int64_t v0, int64_t cols, int64_t chunk_offset,
+                 ChunkResult& result) {
+    const int64_t R = p_.num_rows, N = p_.positions;
+    float* z = logits_.data();
+    for (int64_t m = 0; m < g * R; ++m)
+      kernels_.postprocess(z + m * cols, cols, bias_ ? bias_ + v0 : nullptr,
+                           static_cast<float>(p_.logit_scale), static_cast<float>(p_.softcap));
+    const int32_t token0 = static_cast<int32_t>(vocab_offset_ + v0);
+    for (int64_t n = n0; n < n0 + g; ++n) {
+      const float* position = z + (n - n0) * R * cols;
+      const float* final_row = position + (R - 1) * cols;
+      for (int64_t r = 0; r < R; ++r)
+        kernels_.fold_row(lanes_.data() + (n * R + r) * kernels_.lane_state_floats,
+                          result.stats[r * N + n], position + r * cols, final_row, cols,
+                          chunk_offset, token0);
+      result.heaps[n].offer(final_row, position, cols, cols, token0);
+      if (final_rows_) std::copy(final_row, final_row + cols, final_rows_ + n * p_.vocab + v0);
     }
   }
-  return std::string(row_kernels().level) + "; " + projection;
-}
 
-Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
-  const int64_t R = p.num_rows, N = p.positions, V = p.vocab, M = R * N, L = R - 1, k = p.k;
-  const auto f32 = p.rows.options().dtype(at::kFloat);
-  const RowKernels& kernels = row_kernels();
-  const Projection how(p);
-  const at::Tensor hidden = hidden_rows(p, how);
-  const at::Tensor bias =
-      p.bias.defined() ? p.bias.to(at::kFloat).contiguous() : at::Tensor();
-  const float scale = static_cast<float>(p.logit_scale);
-  const float softcap = static_cast<float>(p.softcap);
-  at::Tensor final_rows = at::empty({N, keep_final ? V : 0}, f32);
+  const Problem& p_;
+  const Projection& how_;
+  const RowKernels& kernels_;
+  TileProjector projector_;
+  const float* bias_;
+  int64_t vocab_offset_;
+  float* final_rows_;         // [N, V] when kept, else null
+  std::vector<float> logits_;  // one group's [rows, tile] logits
+  std::vector<float> lanes_;   // every row's vector-lane statistics over the current chunk
+};
 
-  const int64_t group = how.group, tile = how.tile;
-  const int64_t tiles = (V + tile - 1) / tile;
-  const int64_t chunks = std::min<int64_t>(
-      tiles, std::max({int64_t{16}, 4 * int64_t{at::get_num_threads()},
-                       (tiles + kMaxChunkTokens / tile - 1) / (kMaxChunkTokens / tile)}));
-  std::vector<ChunkResult> results(chunks);
-
-  // Threads take chunks as they finish the last one, so a thread slowed by another process (or
-  // by a busier chunk) does not hold the others up; results stay in chunk order.
-  std::atomic<int64_t> next_chunk{0};
-  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    TileProjector projector(p, how, hidden);
-    std::vector<float> logits(group * R * tile);
-    std::vector<float> lanes(M * kernels.lane_state_floats);
-    for (int64_t chunk; (chunk = next_chunk++) < chunks;) {
-      ChunkResult& result = results[chunk];
-      result.stats.assign(M, empty_stats<ScalarLanes>());
-      kernels.clear_lanes(lanes.data(), M);
-      const int64_t first_tile = chunk * tiles / chunks, last_tile = (chunk + 1) * tiles / chunks;
-      const int64_t chunk_v0 = first_tile * tile;
-      const int64_t chunk_tokens = std::min(V, last_tile * tile) - chunk_v0;
-      result.heaps.clear();
-      for (int64_t n = 0; n < N; ++n) result.heaps.emplace_back(std::min(k, chunk_tokens), L);
-
-      for (int64_t t = first_tile; t < last_tile; ++t) {
-        const int64_t v0 = t * tile, cols = std::min(tile, V - v0);
-        projector.load_tile(v0, cols);
-        const float* tile_bias = bias.defined() ? bias.data_ptr<float>() + v0 : nullptr;
-        const int32_t token0 = static_cast<int32_t>(vocab_offset + v0);
-        for (int64_t n0 = 0; n0 < N; n0 += group) {
-          // Logits of positions [n0, n0 + g): row r of position n at ((n - n0) * R + r) * cols.
-          const int64_t g = std::min(group, N - n0), rows = g * R;
-          float* z = logits.data();
-          projector.project(n0 / group, n0 * R, rows, z);
-          for (int64_t m = 0; m < rows; ++m)
-            kernels.postprocess(z + m * cols, cols, tile_bias, scale, softcap);
-
-          for (int64_t n = n0; n < n0 + g; ++n) {
-            const float* position = z + (n - n0) * R * cols;
-            const float* final_row = position + (R - 1) * cols;
-            for (int64_t r = 0; r < R; ++r) {
-              const int64_t row = n * R + r;
-              kernels.fold_row(lanes.data() + row * kernels.lane_state_floats,
-                               result.stats[r * N + n], position + r * cols, final_row, cols,
-                               v0 - chunk_v0, token0);
-            }
-            result.heaps[n].offer(final_row, position, cols, cols, token0);
-            if (keep_final)
-              std::copy(final_row, final_row + cols, final_rows.data_ptr<float>() + n * V + v0);
-          }
-        }
-      }
-      const int32_t chunk_token0 = static_cast<int32_t>(vocab_offset + chunk_v0);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t r = 0; r < R; ++r)
-          kernels.merge_lanes(lanes.data() + (n * R + r) * kernels.lane_state_floats,
-                              result.stats[r * N + n], chunk_token0);
-    }
-  });
-
-  Partials out;
-  out.stats = at::empty({N, R, kRecordFloats}, f32);
-  out.argmax = at::empty({N, R}, f32.dtype(at::kLong));
-  out.values = at::empty({N, k}, f32);
-  out.tokens = at::empty({N, k}, f32.dtype(at::kLong));
-  out.premature = at::empty({N, k, L}, f32);
-  out.final_rows = final_rows;
+// Chunks merge in chunk order, so the statistics do not depend on which thread ran which chunk.
+void merge_stats(const std::vector<ChunkResult>& results, int64_t R, int64_t N, Partials& out) {
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t r = 0; r < R; ++r) {
       RowStats s = empty_stats<ScalarLanes>();
@@ -481,7 +462,11 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
       out.argmax.data_ptr<int64_t>()[n * R + r] = s.argmax;
     }
   }
-  // The shard's top-k is inside the union of its chunks' top-ks.
+}
+
+// A shard's top-k is inside the union of its chunks' top-ks; fewer than k tokens pad with -1.
+void select_topk(const std::vector<ChunkResult>& results, int64_t k, int64_t L, Partials& out) {
+  const int64_t N = out.values.size(0);
   at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
     struct Pick {
       CandidateHeap::Entry entry;
@@ -509,6 +494,101 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
       }
     }
   });
+}
+
+// algorithm.md steps 2-4 for one position: the contrast weights of each premature layer at the
+// k candidates, each layer's share, and the direction delta. `premature(i, l)` is premature layer
+// l's logit at candidate i.
+template <typename PrematureAt>
+void compute_contrast(const RowStats* row_stats, int64_t R, const float* values,
+                      const int64_t* tokens, int64_t k, PrematureAt premature,
+                      std::vector<float>& weights, std::vector<float>& layer_sum, float* delta) {
+  const int64_t L = R - 1;
+  float total = 0.f;
+  for (int64_t l = 0; l < L; ++l) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < k; ++i) {
+      const float z = premature(i, l);
+      const float w = contrast_weight(row_stats[l], row_stats[R - 1], z, z - values[i],
+                                      static_cast<int32_t>(tokens[i]));
+      weights[l * k + i] = w;
+      sum += w;
+    }
+    layer_sum[l] = sum;
+    total += sum;
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    float d = 0.f;
+    for (int64_t l = 0; l < L; ++l)
+      d += layer_share(layer_sum[l], total) * normalized(weights[l * k + i], layer_sum[l]);
+    delta[i] = -d;
+  }
+}
+
+// algorithm.md step 5 for one position: T steps on its k candidates x_k. Steps before the last
+// move the whole final row `row` (null when T = 1), whose softmax the next step needs.
+void evolve(const RowKernels& kernels, float* x_k, const int64_t* tokens, const float* delta,
+            int64_t k, float max, float softmax_sum, float* row, int64_t V, double rate,
+            int64_t iterations) {
+  for (int64_t t = 0; t < iterations; ++t) {
+    if (t > 0) kernels.softmax_stats(row, V, max, softmax_sum);
+    const float eta = step_size(rate, t, iterations);
+    for (int64_t i = 0; i < k; ++i)
+      x_k[i] = evolve_step(x_k[i], std::exp(x_k[i] - max) / softmax_sum, delta[i], eta);
+    if (t + 1 == iterations) break;
+    kernels.evolve_row(row, V, max, softmax_sum, eta);
+    for (int64_t i = 0; i < k; ++i) row[tokens[i]] = x_k[i];
+  }
+}
+
+}  // namespace
+
+std::string cpu_kernels(at::ScalarType dtype) {
+  const char* widened = "widened to float32, sgemm";
+  const char* projection = dtype == at::kFloat ? "sgemm" : widened;
+  if (dtype != at::kFloat) {
+    switch (brgemm_layout(dtype)) {
+      case BLayout::kPairs: projection = "brgemm"; break;
+      case BLayout::kPlain: projection = "brgemm for few rows, else widened to float32, sgemm"; break;
+      case BLayout::kNone: break;
+    }
+  }
+  return std::string(row_kernels().level) + "; " + projection;
+}
+
+Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
+  const int64_t R = p.num_rows, N = p.positions, V = p.vocab, k = p.k;
+  const auto f32 = p.rows.options().dtype(at::kFloat);
+  const Projection how(p);
+  const at::Tensor hidden = hidden_rows(p, how);
+  const at::Tensor bias =
+      p.bias.defined() ? p.bias.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor final_rows = at::empty({N, keep_final ? V : 0}, f32);
+
+  const int64_t tiles = (V + how.tile - 1) / how.tile;
+  const int64_t chunks = std::min<int64_t>(
+      tiles, std::max({int64_t{16}, 4 * int64_t{at::get_num_threads()},
+                       (tiles + kMaxChunkTokens / how.tile - 1) / (kMaxChunkTokens / how.tile)}));
+  std::vector<ChunkResult> results(chunks);
+  // Threads take chunks as they finish the last one, so a thread slowed by another process (or
+  // by a busier chunk) does not hold the others up; results stay in chunk order.
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    ChunkFolder folder(p, how, hidden, bias, vocab_offset, final_rows);
+    for (int64_t chunk; (chunk = next_chunk++) < chunks;)
+      folder.fold_chunk(chunk * tiles / chunks, (chunk + 1) * tiles / chunks, results[chunk]);
+  });
+
+  Partials out;
+  out.stats = at::empty({N, R, kRecordFloats}, f32);
+  out.argmax = at::empty({N, R}, f32.dtype(at::kLong));
+  out.values = at::empty({N, k}, f32);
+  out.tokens = at::empty({N, k}, f32.dtype(at::kLong));
+  out.premature = at::empty({N, k, R - 1}, f32);
+  out.final_rows = final_rows;
+  merge_stats(results, R, N, out);
+  select_topk(results, k, R - 1, out);
   return out;
 }
 
@@ -536,8 +616,9 @@ Selection combine_cpu(const Partials& in, int64_t k) {
         row_stats[r] = merged;
       }
       // algorithm.md step 1: the global top-k is inside the union of the shards' top-ks.
-      const auto value = [&](int64_t c) { return values.data_ptr<float>()[(c / kk * N + n) * kk + c % kk]; };
-      const auto token = [&](int64_t c) { return tokens.data_ptr<int64_t>()[(c / kk * N + n) * kk + c % kk]; };
+      const auto slot = [&](int64_t c) { return (c / kk * N + n) * kk + c % kk; };
+      const auto value = [&](int64_t c) { return values.data_ptr<float>()[slot(c)]; };
+      const auto token = [&](int64_t c) { return tokens.data_ptr<int64_t>()[slot(c)]; };
       picks.clear();
       for (int64_t c = 0; c < S * kk; ++c)
         if (token(c) >= 0) picks.push_back(c);
@@ -546,33 +627,16 @@ Selection combine_cpu(const Partials& in, int64_t k) {
       std::partial_sort(picks.begin(), picks.begin() + k, picks.end(), [&](int64_t a, int64_t b) {
         return ranks_before(value(a), token(a), value(b), token(b));
       });
-      const auto z_at = [&](int64_t i, int64_t l) {
-        const int64_t c = picks[i];
-        return premature.data_ptr<float>()[((c / kk * N + n) * kk + c % kk) * L + l];
-      };
-
-      // algorithm.md steps 2-4.
-      float total = 0.f;
-      for (int64_t l = 0; l < L; ++l) {
-        float sum = 0.f;
-        for (int64_t i = 0; i < k; ++i) {
-          const float z = z_at(i, l);
-          const float w = contrast_weight(row_stats[l], row_stats[R - 1], z, z - value(picks[i]),
-                                          token(picks[i]));
-          weights[l * k + i] = w;
-          sum += w;
-        }
-        layer_sum[l] = sum;
-        total += sum;
-      }
+      float* out_values = out.values.data_ptr<float>() + n * k;
+      int64_t* out_tokens = out.tokens.data_ptr<int64_t>() + n * k;
       for (int64_t i = 0; i < k; ++i) {
-        float d = 0.f;
-        for (int64_t l = 0; l < L; ++l)
-          d += layer_share(layer_sum[l], total) * normalized(weights[l * k + i], layer_sum[l]);
-        out.delta.data_ptr<float>()[n * k + i] = -d;
-        out.tokens.data_ptr<int64_t>()[n * k + i] = token(picks[i]);
-        out.values.data_ptr<float>()[n * k + i] = value(picks[i]);
+        out_values[i] = value(picks[i]);
+        out_tokens[i] = token(picks[i]);
       }
+      compute_contrast(
+          row_stats.data(), R, out_values, out_tokens, k,
+          [&](int64_t i, int64_t l) { return premature.data_ptr<float>()[slot(picks[i]) * L + l]; },
+          weights, layer_sum, out.delta.data_ptr<float>() + n * k);
       const RowStats& fin = row_stats[R - 1];
       out.softmax.data_ptr<float>()[n * 2] = fin.max;
       out.softmax.data_ptr<float>()[n * 2 + 1] = softmax_total(fin);
@@ -593,22 +657,12 @@ Candidates evolve_cpu(const Problem& p) {
   at::Tensor values = sel.values.clone();
   at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t n = n_begin; n < n_end; ++n) {
-      // algorithm.md step 5. Iterations before the last move the whole final row, the last only K.
       float* x_k = values.data_ptr<float>() + n * k;
       const int64_t* tokens = sel.tokens.data_ptr<int64_t>() + n * k;
-      const float* delta = sel.delta.data_ptr<float>() + n * k;
-      float max = sel.softmax.data_ptr<float>()[n * 2];
-      float softmax_sum = sel.softmax.data_ptr<float>()[n * 2 + 1];
-      float* row = p.iterations > 1 ? parts.final_rows.data_ptr<float>() + n * V : nullptr;
-      for (int64_t t = 0; t < p.iterations; ++t) {
-        if (t > 0) kernels.softmax_stats(row, V, max, softmax_sum);
-        const float eta = step_size(p.rate, t, p.iterations);
-        for (int64_t i = 0; i < k; ++i)
-          x_k[i] = evolve_step(x_k[i], std::exp(x_k[i] - max) / softmax_sum, delta[i], eta);
-        if (t + 1 == p.iterations) break;
-        kernels.evolve_row(row, V, max, softmax_sum, eta);
-        for (int64_t i = 0; i < k; ++i) row[tokens[i]] = x_k[i];
-      }
+      evolve(kernels, x_k, tokens, sel.delta.data_ptr<float>() + n * k, k,
+             sel.softmax.data_ptr<float>()[n * 2], sel.softmax.data_ptr<float>()[n * 2 + 1],
+             p.iterations > 1 ? parts.final_rows.data_ptr<float>() + n * V : nullptr, V, p.rate,
+             p.iterations);
       if (p.full.defined()) {
         float* full = p.full.data_ptr<float>() + n * V;
         for (int64_t i = 0; i < k; ++i) full[tokens[i]] = x_k[i];
