@@ -115,18 +115,19 @@ void pack_b(const at::Tensor& rows, BLayout layout, at::Tensor& out) {
                           depth / 2);
 }
 
-// out [m, n] (row stride n) = a [m, depth] (unit column stride) times b as pack_b wrote it (n is
-// b's second dim in both layouts).
-void brgemm_fp32(const at::Tensor& a, const at::Tensor& b, BLayout layout, float* out) {
+// out [m, n] (row stride n) = a [m, depth] (row stride lda) times b [depth, n] as pack_b wrote
+// it, both `dtype`; `accumulate` adds the product to out instead.
+void brgemm_fp32(at::ScalarType dtype, int64_t m, int64_t n, int64_t depth, const void* a,
+                 int64_t lda, const void* b, BLayout layout, float* out, bool accumulate) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
-  const int64_t m = a.size(0), depth = a.size(1), n = b.size(1);
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "sled_brgemm", [&] {
-    at::native::cpublas::brgemm(m, n, depth, a.stride(0), n, n, false,
-                                a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), out,
-                                layout == BLayout::kPairs);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "sled_brgemm", [&] {
+    at::native::cpublas::brgemm(m, n, depth, lda, n, n, accumulate,
+                                static_cast<const scalar_t*>(a), static_cast<const scalar_t*>(b),
+                                out, layout == BLayout::kPairs);
   });
 #else
-  (void)a, (void)b, (void)layout, (void)out;
+  (void)dtype, (void)m, (void)n, (void)depth, (void)a, (void)lda, (void)b, (void)layout;
+  (void)out, (void)accumulate;
   TORCH_CHECK(false, "sled: this build of torch has no brgemm");
 #endif
 }
@@ -147,8 +148,8 @@ BLayout brgemm_layout(at::ScalarType dtype) {
     at::Tensor out = at::empty({m, n}, at::kFloat);
     try {
       pack_b(b_rows, layout, b);
-      brgemm_fp32(a, b.view({depth / (layout == BLayout::kPairs ? 2 : 1), n, -1}), layout,
-                  out.data_ptr<float>());
+      brgemm_fp32(dtype, m, n, depth, a.const_data_ptr(), depth, b.const_data_ptr(), layout,
+                  out.data_ptr<float>(), false);
       at::native::cpublas::brgemm_release();
     } catch (const std::exception&) {
       return false;
@@ -192,6 +193,12 @@ constexpr int64_t kMinGroupColumns = 512;
 constexpr int64_t kMaxChunkTokens = int64_t{1} << 24;
 // brgemm's B columns come in blocks of 16 (an AMX tile): packed hidden rows are padded to it.
 constexpr int64_t kBrgemmBlock = 16;
+// Packed hidden rows are multiplied a block of depth at a time, small enough to stay in cache
+// while the weight tile streams past it; the products accumulate over the blocks. Blocks are a
+// multiple of an AMX tile's depth (32 bf16).
+constexpr int64_t kHiddenBlockBytes = 512 * 1024, kDepthStep = 32;
+
+int64_t round_up(int64_t x, int64_t step) { return (x + step - 1) / step * step; }
 
 // Positions per group: all of them when their rows leave tiles wide enough, else as many as do.
 // Equal groups, so no group is a narrow remainder.
@@ -214,10 +221,11 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 // How a call's products are laid out: the tile size and, for brgemm, which operand is packed.
 // brgemm reads its A operand in place and B packed (a transpose of 32-bit words), so the smaller
 // one is packed:
-//  - fewer padded hidden rows than H / 2 (decoding): the hidden rows are packed once per call and
-//    the weight tile is A, streamed from memory; the product comes out [tile, rows] and is turned
-//    back (rows * tile words per tile instead of H / 2 * tile). On Sapphire Rapids (AMX, one
-//    thread) this made R = 17-23, N = 1 0.9x torch's bf16 GEMM instead of 2x, N = 8 1.1x not 1.3x;
+//  - fewer padded hidden rows than H / 2 (decoding): all hidden rows are packed once per call, in
+//    one group, and the weight tile is A, streamed from memory once, a depth block at a time
+//    (kHiddenBlockBytes); the product comes out [tile, rows] and is turned back (rows * tile
+//    words per tile instead of H / 2 * tile). On Sapphire Rapids (AMX, one thread) packing the
+//    hidden rows made R = 17-23, N = 1 0.9x torch's bf16 GEMM instead of 2x;
 //  - many rows (scoring): each weight tile is packed once and serves every group.
 struct Projection {
   Source source;
@@ -227,28 +235,36 @@ struct Projection {
   int64_t tile;    // weight rows per tile
   BLayout layout = BLayout::kNone;
   bool packs_hidden = false;
-  int64_t columns = 0;  // packed hidden rows per group (a multiple of kBrgemmBlock)
+  int64_t columns = 0;      // packed hidden rows per group (a multiple of kBrgemmBlock)
+  int64_t depth_block = 0;  // depth per product of packed hidden rows (the last block less)
 
   explicit Projection(const Problem& p) {
     const int64_t R = p.num_rows, N = p.positions, H = p.rows.size(2);
-    group = std::min(N, group_positions(R, N));
-    const int64_t rows = group * R;
-    columns = (rows + kBrgemmBlock - 1) / kBrgemmBlock * kBrgemmBlock;
-    groups = group > 0 ? (N + group - 1) / group : 0;
     if (!p.projects()) {
       source = Source::kLogits;
     } else if (p.weight.scalar_type() == at::kFloat) {
       source = p.weight.stride(1) == 1 ? Source::kFloat : Source::kWidened;
     } else {
       layout = brgemm_layout(p.weight.scalar_type());
-      packs_hidden = groups * columns * 2 <= H + H % 2;
+      packs_hidden = round_up(N * R, kBrgemmBlock) * 2 <= H + H % 2;
       // The plain layout serves only the orientation that packs the (few) hidden rows; oneDNN
       // refuses an empty depth (sgemm gives the zero product).
       const bool usable = H > 0 && (layout == BLayout::kPairs ||
                                     (layout == BLayout::kPlain && packs_hidden));
       source = usable ? Source::kPacked : Source::kWidened;
     }
+    packs_hidden = packs_hidden && source == Source::kPacked;
+    group = packs_hidden ? N : std::min(N, group_positions(R, N));
+    const int64_t rows = group * R;
+    columns = round_up(rows, kBrgemmBlock);
+    groups = group > 0 ? (N + group - 1) / group : 0;
     depth = source == Source::kPacked ? H + H % 2 : H;
+    if (packs_hidden) {
+      const int64_t block_bytes = columns * depth * p.weight.element_size();
+      const int64_t blocks = std::max<int64_t>((block_bytes + kHiddenBlockBytes - 1) /
+                                                   kHiddenBlockBytes, 1);
+      depth_block = std::min(depth, round_up((depth + blocks - 1) / blocks, kDepthStep));
+    }
     switch (source) {
       case Source::kLogits:
         tile = tile_columns(rows, 0, false);
@@ -360,15 +376,29 @@ class TileProjector {
       case Source::kWidened:
         at::mm_out(logits, hidden_.narrow(0, row0, rows), weight_.t());
         break;
-      case Source::kPacked:
+      case Source::kPacked: {
+        const at::ScalarType dtype = p_.weight.scalar_type();
         if (how_.packs_hidden) {
           float* transposed = transposed_.data_ptr<float>();
-          brgemm_fp32(weight_, hidden_[group], how_.layout, transposed);
-          row_kernels().transpose(transposed, how_.columns, out, cols_, cols_, rows);
+          const at::Tensor packed = hidden_[group];
+          const int64_t columns = how_.columns, element = packed.element_size();
+          for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
+            // Depth k0 starts at weight column k0 and at packed hidden element k0 * columns.
+            const int64_t block = std::min(how_.depth_block, how_.depth - k0);
+            brgemm_fp32(dtype, cols_, columns, block,
+                        static_cast<const char*>(weight_.const_data_ptr()) + k0 * element,
+                        weight_.stride(0),
+                        static_cast<const char*>(packed.const_data_ptr()) + k0 * columns * element,
+                        how_.layout, transposed, k0 > 0);
+          }
+          row_kernels().transpose(transposed, columns, out, cols_, cols_, rows);
         } else {
-          brgemm_fp32(hidden_.narrow(0, row0, rows), tile_pairs_, how_.layout, out);
+          const at::Tensor hidden = hidden_.narrow(0, row0, rows);
+          brgemm_fp32(dtype, rows, cols_, how_.depth, hidden.const_data_ptr(), hidden.stride(0),
+                      tile_pairs_.const_data_ptr(), how_.layout, out, false);
         }
         break;
+      }
     }
   }
 
