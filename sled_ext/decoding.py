@@ -42,7 +42,10 @@ class Method:
 
 class StepScorer:
     """Next-token scores ``[P, V]`` (float32) for P positions from the final hidden states and the
-    premature rows the adapter captured in the same forward."""
+    premature rows the adapter captured in the same forward. :meth:`scores` reads only the
+    adapter's head: ``num_layers``, ``vocab``, ``weight``, ``bias``, ``vocab_shard``,
+    ``logit_scale``, ``softcap`` and ``head()``, so a serving engine that stacks the rows itself
+    passes an object with just those (``vllm_plugin._VllmHead``)."""
 
     def __init__(self, adapter: Adapter, method: Method):
         self.adapter, self.method = adapter, method
