@@ -292,6 +292,9 @@ class _VllmHead:
         self.vocab = post.org_vocab_size
         self.num_layers = model._num_layers
         group = get_tp_group()
+        if group.world_size > 1 and not post.use_all_gather:
+            # Ranks past the first would get no logits and skip the op's collective.
+            raise UnsupportedModel("SLED under tensor parallelism needs vLLM's all-gather logits")
         self.vocab_shard = (None if group.world_size == 1
                             else VocabShard(group.device_group, shard.org_vocab_start_index))
         self._model = model
