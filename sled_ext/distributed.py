@@ -1,9 +1,9 @@
 """SLED with a vocab-sharded head: each rank of a ``torch.distributed`` group holds rows
 ``[vocab_offset, vocab_offset + V_r)`` of the vocab matrix (Megatron / vLLM style).
 
-Each rank runs phase 1 (``torch.ops.sled.partials``) on its shard; one all-gather exchanges the
+Each rank runs phase 1 (:func:`sled_ext.ops.partials`) on its shard; one all-gather exchanges the
 partials, whose size depends on N, R and k but not on V; every rank then runs phase 2
-(``torch.ops.sled.combine``) on the same gathered bytes, so all ranks end with the same evolved
+(:func:`sled_ext.ops.combine`) on the same gathered bytes, so all ranks end with the same evolved
 top-k. ``iterations > 1`` adds one all-gather of two floats per position for each further
 iteration (the softmax over the whole vocab of the evolving final row). Works with any backend
 whose all-gather takes uint8 tensors (NCCL on GPUs, gloo on CPUs).
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _C  # registers torch.ops.sled
+from . import _C, ops
+from .phases import evolve, sort_topk
 
 # torch >= 2.14 renamed all_gather_into_tensor; the GPU machines' torch 2.11 has the old name only.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -43,50 +44,6 @@ def merge_softmax(stats: torch.Tensor) -> torch.Tensor:
     return torch.stack([top, (stats[..., 1] * scale).sum(0)], dim=-1)
 
 
-def local_softmax(rows: torch.Tensor) -> torch.Tensor:
-    """``[N, V_r]`` -> ``[N, 2]`` (max, sum of exp(x - max)); (-inf, 0) for an empty shard."""
-    if rows.shape[1] == 0:
-        return torch.stack([rows.new_full((rows.shape[0],), float("-inf")),
-                            rows.new_zeros(rows.shape[0])], dim=-1)
-    top = rows.amax(1)
-    return torch.stack([top, torch.exp(rows - top[:, None]).sum(1)], dim=-1)
-
-
-def evolve(values, delta, softmax, rate, iterations, rows=None, tokens=None, vocab_offset=0,
-           reduce_softmax=lambda local: local):
-    """docs/algorithm.md step 5 on the k candidates, every rank alike. For iterations > 1 each
-    rank also moves its own slice ``rows`` of the final row and ``reduce_softmax`` makes its
-    softmax statistics global."""
-    if rate == 0:
-        # No step moves a finite row, so every iteration gives what the first does.
-        iterations = 1
-    if iterations > 1:
-        # A private copy of the rows, updated in place, with one spare column where candidates
-        # held by other ranks land.
-        shard = rows.shape[1]
-        owned = (tokens >= vocab_offset) & (tokens < vocab_offset + shard)
-        column = torch.where(owned, tokens - vocab_offset, shard)
-        rows = torch.cat([rows, rows[:, :1]], 1)
-    for t in range(iterations):
-        if t > 0:
-            softmax = reduce_softmax(local_softmax(rows[:, :shard]))
-        step = rate * (1 - t / iterations)
-        top, total = softmax[:, :1], softmax[:, 1:]
-        new_values = values - step * (torch.exp(values - top) / total + delta)
-        if t + 1 < iterations:
-            rows.sub_((rows - top).exp_().div_(total).mul_(step))
-            rows.scatter_(1, column, new_values)
-        values = new_values
-    return values
-
-
-def sort_topk(values, tokens):
-    """Evolved value descending, ties to the lower token: the order of ``sled.evolve_topk``."""
-    tokens, by_token = tokens.sort(dim=1)
-    values, order = values.gather(1, by_token).sort(dim=1, descending=True, stable=True)
-    return values, tokens.gather(1, order)
-
-
 def evolve_topk(hidden, weight_shard, bias_shard=None, *, vocab_offset: int, group=None,
                 evolution_scale=10, evolution_rate=2.0, iterations=1, logit_scale=1.0,
                 softcap=0.0, vocab_size: int | None = None):
@@ -100,10 +57,11 @@ def evolve_topk(hidden, weight_shard, bias_shard=None, *, vocab_offset: int, gro
     k = evolution_scale
     if vocab_size is not None and not 1 <= k <= vocab_size:
         raise ValueError(f"evolution_scale (k) must be in [1, V] = [1, {vocab_size}], got {k}")
-    stats, argmax, values, tokens, premature, rows = torch.ops.sled.partials(
-        hidden, weight_shard, bias_shard, vocab_offset, k, logit_scale, softcap, iterations > 1)
+    stats, argmax, values, tokens, premature, rows = ops.partials(
+        hidden, weight_shard, bias_shard, vocab_offset=vocab_offset, evolution_scale=k,
+        logit_scale=logit_scale, softcap=softcap, keep_final=iterations > 1)
     gathered = gather_packed([stats, argmax, values, tokens, premature], group)
-    tokens, values, delta, softmax = torch.ops.sled.combine(*gathered, k)
+    tokens, values, delta, softmax = ops.combine(*gathered, evolution_scale=k)
 
     def reduce_softmax(local):
         return merge_softmax(gather_packed([local], group)[0])
