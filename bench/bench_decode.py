@@ -100,7 +100,8 @@ def run_case(name, dtype_name, batch, args):
     adapter = adapt(model)
     vocab = adapter.weight.shape[0]
     ids = torch.randint(3, vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
-    sled_method = Method("sled", RATE, K, LOWER_BOUND)
+    sled_method = Method("sled", evolution_rate=RATE, evolution_scale=K,
+                         evolution_lower_bound=LOWER_BOUND)
     scorers = {"greedy": StepScorer(adapter, Method("greedy")),
                "sled": StepScorer(adapter, sled_method),
                "published": PublishedScorer(adapter, sled_method)}

@@ -5,13 +5,15 @@ import csv
 import io
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 import sled_ext
-from sled_ext import evaluation, tasks
-from sled_ext.evaluation import CONTROL, ChoiceScorer, SledSetting
+from sled_ext import MULTIPLE_CHOICE, evaluation, reporting, runs, tasks
+from sled_ext.reporting import CONTROL
+from sled_ext.scoring import ChoiceScorer
 from test_scoring import CharTokenizer
 from tiny_models import tiny_model
 
@@ -47,12 +49,12 @@ def test_paired_counts_items_only_one_method_gets_right():
         return dict(n_true=1, best=0, scores={"sled": {"raw": [sled, 0.0]},
                                               "greedy": {"raw": [greedy, 0.0]}})
     records = [item(1, -1)] * 5 + [item(-1, 1)] + [item(1, 1)] * 3
-    counts = evaluation.paired("truthfulqa", records, ["greedy", "sled"], ["raw"])
+    counts = reporting.paired("truthfulqa", records, ["greedy", "sled"], ["raw"])
     assert counts == {"sled vs greedy": {"raw": dict(only_first=5, only_second=1, p=0.2188)}}
-    assert evaluation.sign_test(5, 0) == 2 / 32 and evaluation.sign_test(0, 0) == 1.0
+    assert reporting.sign_test(5, 0) == 2 / 32 and reporting.sign_test(0, 0) == 1.0
     generated = [dict(methods={"dola": {"correct": d}, "greedy": {"correct": g}})
                  for d, g in [(True, False), (False, True), (False, True)]]
-    assert evaluation.paired("gsm8k", generated, ["greedy", "dola"], ["generated"]) == {
+    assert reporting.paired("gsm8k", generated, ["greedy", "dola"], ["generated"]) == {
         "dola vs greedy": {"generated": dict(only_first=1, only_second=2, p=1.0)}}
 
 
@@ -105,11 +107,11 @@ def test_a_missing_data_file_is_named(tmp_path):
         tasks.load("truthfulqa", tmp_path)
     with pytest.raises(ValueError, match="unknown task"):
         tasks.load("mmlu")
-    with pytest.raises(ValueError, match="--limit must be >= 1"):
+    with pytest.raises(ValueError, match="limit must be >= 1"):
         evaluation.evaluate("truthfulqa", "smollm2-135m", limit=-1, out=tmp_path / "x.json")
     with pytest.raises(ValueError, match="multiple-choice task"):
         evaluation.tune("gsm8k", "smollm2-135m", out=tmp_path / "t.json")
-    with pytest.raises(ValueError, match="--select must be one of MC1, MC2, MC3"):
+    with pytest.raises(ValueError, match="select must be one of MC1, MC2, MC3"):
         evaluation.tune("truthfulqa", "smollm2-135m", out=tmp_path / "t.json", select="BLEU")
 
 
@@ -123,21 +125,23 @@ def test_one_forward_scores_like_the_one_method_path(iterations, chunk):
     """Every method and setting from the shared forward (prefix cached once) matches
     sled_ext.score run separately for each."""
     model, tokenizer = tiny_model("llama"), CharTokenizer()
-    settings = [SledSetting("sled", 10, 2.0), SledSetting(CONTROL, 10, 0.0),
-                SledSetting("s2", 5, 1.5, "stride:2"), SledSetting("top", 20, 3.0, "top-half")]
-    scorer = ChoiceScorer(model, tokenizer, settings, iterations=iterations,
-                          evolution_lower_bound=-100.0, chunk=chunk)
-    got = scorer(ITEM)
-    got["dola-s2"] = ChoiceScorer(model, tokenizer, [], iterations=iterations,
-                                  evolution_lower_bound=-100.0, methods=("dola",),
-                                  dola_layers="stride:2")(ITEM)["dola"]
+    published = replace(MULTIPLE_CHOICE, iterations=iterations)
+    settings = {"sled": published, CONTROL: replace(published, evolution_rate=0.0),
+                "s2": replace(published, evolution_scale=5, evolution_rate=1.5, layers="stride:2"),
+                "top": replace(published, evolution_scale=20, evolution_rate=3.0,
+                               layers="top-half")}
+    methods = {"greedy": replace(published, name="greedy"),
+               "dola": replace(published, name="dola")}
+    got = ChoiceScorer(model, tokenizer, methods | settings, chunk=chunk)(ITEM)
+    got["dola-s2"] = ChoiceScorer(model, tokenizer, {
+        "dola": replace(published, name="dola", layers="stride:2")})(ITEM)["dola"]
     continuations = list(ITEM.true) + list(ITEM.false)
     prompts = [ITEM.prompt] * len(continuations)
     expected = {"greedy": dict(method="greedy"), "dola": dict(method="dola"),
                 "dola-s2": dict(method="dola", layers="stride:2")}
-    for s in settings:
-        expected[s.label] = dict(method="sled", evolution_scale=s.evolution_scale,
-                                 evolution_rate=s.evolution_rate, layers=s.layers)
+    for label, s in settings.items():
+        expected[label] = dict(method="sled", evolution_scale=s.evolution_scale,
+                               evolution_rate=s.evolution_rate, layers=s.layers)
     for label, kwargs in expected.items():
         for convention in ("raw", "logprob"):
             want = sled_ext.score(model, tokenizer, prompts, continuations, iterations=iterations,
@@ -151,8 +155,7 @@ def test_continuations_that_begin_alike_share_their_projected_positions():
     """ITEM's continuations share first characters (" in the sky" / " in a box", " u..."): each
     distinct input is projected once, the scores staying those of the test above."""
     model, tokenizer = tiny_model("llama"), CharTokenizer()
-    scorer = ChoiceScorer(model, tokenizer, [SledSetting("sled", 10, 2.0)], iterations=1,
-                          evolution_lower_bound=-100.0)
+    scorer = ChoiceScorer(model, tokenizer, {"sled": replace(MULTIPLE_CHOICE, iterations=1)})
     projected, head = [], scorer.adapter.head
     scorer.adapter.head = lambda rows: projected.append(rows.shape[1]) or head(rows)
     scorer(ITEM)
@@ -233,7 +236,7 @@ def test_tune_picks_on_development_and_reports_held_out(tmp_path):
 
 def test_progress_shows_counts_eta_and_a_note_it_clears():
     stream = io.StringIO()
-    bar = evaluation.Progress(4, "task", done=1, stream=stream)
+    bar = runs.Progress(4, "task", done=1, stream=stream)
     bar.show("items 2-3 of the rest: dola, token 17")
     bar.update(2)
     lines = stream.getvalue().split("\r")[1:]

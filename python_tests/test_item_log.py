@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sled_ext.evaluation import ItemLog, record_problem
+from sled_ext.runs import ItemLog, record_problem
 from sled_ext.tasks import DataWarning
 
 CONFIG = {"task": "gsm8k", "rate": 2.0}

@@ -19,9 +19,13 @@ import json
 import sys
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from .method import METHODS, MULTIPLE_CHOICE, Method
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_QUESTIONS = [
@@ -49,26 +53,33 @@ def _layers(text: str):
             f'"all", "stride:S", "top-half" or comma-separated ints, not {text!r}')
 
 
-def _add_method_args(p, lower_bound, iterations):
+def _add_method_args(p, preset: Method):
+    """The flags of a :class:`Method`, defaulting to ``preset``'s settings."""
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"short name or local folder "
                    f"(default {DEFAULT_MODEL})")
-    p.add_argument("--method", choices=["sled", "dola", "greedy"], default="sled")
-    p.add_argument("--evolution-rate", type=float, default=2.0, help="alpha (default 2.0)")
-    p.add_argument("--evolution-scale", type=int, default=10, help="k (default 10)")
-    p.add_argument("--evolution-lower-bound", type=float, default=lower_bound)
-    p.add_argument("--iterations", type=int, default=iterations, help="T")
-    p.add_argument("--layers", type=_layers, default="all",
-                   help='premature layers: "all" (default), "stride:S", "top-half" or e.g. "0,4,8"')
-    p.add_argument("--premature-norm", action="store_true",
-                   help="apply the final norm to premature rows (logit lens)")
+    p.add_argument("--method", choices=METHODS, default=preset.name)
+    p.add_argument("--evolution-rate", type=float, default=preset.evolution_rate,
+                   help=f"alpha (default {preset.evolution_rate})")
+    p.add_argument("--evolution-scale", type=int, default=preset.evolution_scale,
+                   help=f"k (default {preset.evolution_scale})")
+    p.add_argument("--evolution-lower-bound", type=float, default=preset.evolution_lower_bound)
+    p.add_argument("--iterations", type=int, default=preset.iterations, help="T")
+    _add_layer_args(p, default=preset.layers)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
 
 
-def _method_kwargs(args) -> dict:
-    return dict(method=args.method, evolution_rate=args.evolution_rate,
-                evolution_scale=args.evolution_scale,
-                evolution_lower_bound=args.evolution_lower_bound, iterations=args.iterations,
-                layers=args.layers, premature_norm=args.premature_norm)
+def _add_layer_args(p, default):
+    p.add_argument("--layers", type=_layers, default=default,
+                   help='premature layers: "all" (default), "stride:S", "top-half" or e.g. "0,4,8"')
+    p.add_argument("--premature-norm", action="store_true",
+                   help="apply the final norm to premature rows (logit lens)")
+
+
+def _method(args) -> Method:
+    return Method(args.method, evolution_rate=args.evolution_rate,
+                  evolution_scale=args.evolution_scale,
+                  evolution_lower_bound=args.evolution_lower_bound, iterations=args.iterations,
+                  layers=args.layers, premature_norm=args.premature_norm)
 
 
 def _load(args):
@@ -115,7 +126,7 @@ def cmd_generate(args) -> int:
     for prompt in args.prompt or [q if chat else f"Q: {q}\nA:" for q in DEFAULT_QUESTIONS]:
         ids = _encode(tokenizer, prompt, chat)
         print(prompt, end="\n" if chat else "", flush=True)
-        out = generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer),
+        out = generate(model, ids, method=_method(args), **_generation_kwargs(args, tokenizer),
                        streamer=TextStreamer(tokenizer, skip_prompt=True,
                                              skip_special_tokens=True))
         print()
@@ -136,14 +147,15 @@ def cmd_compare(args) -> int:
           f"layers={args.layers}; questions {'in the chat template' if chat else 'as Q/A text'})\n")
     questions = args.prompt or DEFAULT_QUESTIONS
     warm_up = _encode(tokenizer, questions[0], chat)
-    generate(model, warm_up, **_method_kwargs(args), max_new_tokens=1)  # first-call costs
+    chosen = _method(args)
+    generate(model, warm_up, method=chosen, max_new_tokens=1)  # first-call costs
     for question in questions:
         ids = _encode(tokenizer, question if chat else f"Q: {question}\nA:", chat)
         texts = {}
         for method in ("greedy", "sled"):
-            args.method = method
             start = time.perf_counter()
-            out = generate(model, ids, **_method_kwargs(args), **_generation_kwargs(args, tokenizer))
+            out = generate(model, ids, method=replace(chosen, name=method),
+                           **_generation_kwargs(args, tokenizer))
             seconds = time.perf_counter() - start
             texts[method] = (tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
                              (out.shape[1] - ids.shape[1]) / seconds)
@@ -158,7 +170,7 @@ def cmd_score(args) -> int:
     from .scoring import score
     model, tokenizer = _load(args)
     scores = score(model, tokenizer, [args.prompt] * len(args.continuation), args.continuation,
-                   **_method_kwargs(args), post_softmax=args.post_softmax)
+                   method=_method(args), post_softmax=args.post_softmax)
     kind = "log-probability" if args.post_softmax else "raw score"
     for continuation, value in sorted(zip(args.continuation, scores), key=lambda x: -x[1]):
         print(f"{value:12.4f}  {continuation!r}")
@@ -239,20 +251,33 @@ def _saved_setting(path: str) -> dict:
     return setting
 
 
+@contextmanager
+def _flag_errors():
+    """The evaluation's argument errors, worded by this command line's flags."""
+    from .evaluation import ArgumentError
+    try:
+        yield
+    except ArgumentError as error:
+        raise ValueError(f"--{error.argument.replace('_', '-')}{error.problem}") from None
+
+
 def cmd_eval(args) -> int:
     from . import evaluation
+    from .reporting import table
+    from .tasks import TASKS
     _flush_denormals()
-    overrides = _saved_setting(args.config) if args.config else {}
-    for name in ("evolution_scale", "evolution_rate", "iterations", "evolution_lower_bound"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    layers = overrides.pop("layers", args.layers)
-    report = evaluation.evaluate(
-        args.task, args.model, methods=args.method or list(evaluation.METHODS), limit=args.limit,
-        data=args.data, out=args.out, premature_norm=args.premature_norm, layers=layers,
-        sled_overrides=overrides, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, dtype=DTYPES[args.dtype], device=args.device)
-    print(evaluation.table(report))
+    saved = _saved_setting(args.config) if args.config else {}
+    flags = {name: getattr(args, name) for name in
+             ("evolution_scale", "evolution_rate", "iterations", "evolution_lower_bound")
+             if getattr(args, name) is not None}
+    sled = replace(TASKS[args.task].sled, **{"layers": args.layers, **saved, **flags},
+                   premature_norm=args.premature_norm)
+    with _flag_errors():
+        report = evaluation.evaluate(
+            args.task, args.model, methods=args.method or list(METHODS), sled=sled,
+            limit=args.limit, data=args.data, out=args.out, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, dtype=DTYPES[args.dtype], device=args.device)
+    print(table(report))
     spent = report["item_seconds"]
     print(f"{report['config']['items']} items; this run {report['wall_seconds']} s"
           + (f", scoring all items {spent} s" if spent is not None else "")
@@ -263,9 +288,10 @@ def cmd_eval(args) -> int:
 def cmd_tune(args) -> int:
     from . import evaluation
     _flush_denormals()
-    report = evaluation.tune(args.task, args.model, limit=args.limit, data=args.data,
-                             out=args.out, select=args.select, convention=args.convention,
-                             seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
+    with _flag_errors():
+        report = evaluation.tune(args.task, args.model, limit=args.limit, data=args.data,
+                                 out=args.out, select=args.select, convention=args.convention,
+                                 seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
     print(f"chosen on the development split ({report['select']}, {report['convention']}): "
           f"{report['chosen_label']}")
     print(f"held-out ({report['held_out_items']} items):")
@@ -302,14 +328,14 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("compare", help="SLED vs greedy side by side")
-    _add_method_args(p, lower_bound=-1000.0, iterations=1)
+    _add_method_args(p, Method())
     _add_generation_args(p)
     p.add_argument("--prompt", action="append", help="a question (repeatable; default: three); "
                    "asked through the chat template when the tokenizer has one")
     p.set_defaults(run=cmd_compare)
 
     p = commands.add_parser("generate", help="stream a generation")
-    _add_method_args(p, lower_bound=-1000.0, iterations=1)
+    _add_method_args(p, Method())
     _add_generation_args(p)
     p.add_argument("--prompt", action="append", help="repeatable; default: three questions. "
                    "Sent as a user turn of the chat template when the tokenizer has one")
@@ -318,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("score", help="score continuations of a prompt")
-    _add_method_args(p, lower_bound=-100.0, iterations=10)
+    _add_method_args(p, MULTIPLE_CHOICE)
     p.add_argument("--prompt", required=True)
     p.add_argument("--continuation", action="append", required=True, help="repeatable")
     p.add_argument("--post-softmax", action="store_true",
@@ -341,15 +367,13 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="greedy vs DoLa vs SLED on a factuality benchmark")
     _add_eval_args(p)
-    p.add_argument("--method", action="append", choices=["greedy", "dola", "sled"],
+    p.add_argument("--method", action="append", choices=METHODS,
                    help="repeatable (default: all three; SLED always brings its alpha = 0 control)")
     p.add_argument("--evolution-scale", type=int, help="k (default: the task's published one)")
     p.add_argument("--evolution-rate", type=float, help="alpha (default: published)")
     p.add_argument("--iterations", type=int, help="T (default: published)")
     p.add_argument("--evolution-lower-bound", type=float, help="(default: published)")
-    p.add_argument("--layers", type=_layers, default="all")
-    p.add_argument("--premature-norm", action="store_true",
-                   help="apply the final norm to premature rows (logit lens)")
+    _add_layer_args(p, default="all")
     p.add_argument("--config", help="a setting saved by sled tune --save")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks")
     p.add_argument("--batch-size", type=int, default=4, help="generation tasks")

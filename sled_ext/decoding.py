@@ -16,36 +16,72 @@ from transformers.generation import (EosTokenCriteria, LogitsProcessorList,
                                      TopPLogitsWarper)
 
 from . import distributed, ops
+from .method import Method
 from .models import Adapter, adapt, candidate_layers
 
-METHODS = ("sled", "dola", "greedy")
+@dataclass
+class NextToken:
+    """A method's values for the next token at P positions: dense ``scores`` ``[P, V]`` (greedy's
+    logits, DoLa's contrast with ``keep``, its relative-top mask), or SLED's evolved candidates
+    ``values``, ``tokens`` ``[P, k]`` with ``method.evolution_lower_bound`` everywhere else."""
+    method: Method
+    vocab: int
+    scores: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """``[P, V]`` for decoding; DoLa's filtered tokens get -inf."""
+        if self.scores is None:
+            full = self.values.new_full((self.values.shape[0], self.vocab),
+                                        self.method.evolution_lower_bound)
+            return full.scatter_(1, self.tokens, self.values)
+        return self.scores if self.keep is None else self.scores.masked_fill(~self.keep,
+                                                                              float("-inf"))
+
+    def at(self, targets: torch.Tensor, post_softmax: bool, rows=None) -> torch.Tensor:
+        """The value of each target token ``[P]`` (position ``rows[p]``, or p): raw, or its
+        log-softmax over the whole vector with ``post_softmax``; DoLa's filtered tokens get
+        ``method.relative_top_value`` after the normalisation, as the published ``lm_score``."""
+        if self.scores is None:
+            values, tokens = ((self.values, self.tokens) if rows is None
+                              else (self.values[rows], self.tokens[rows]))
+            return _candidate_values(values, tokens, targets, self.method.evolution_lower_bound,
+                                     self.vocab, post_softmax)
+        logits = self.scores
+        targets = targets.to(logits.device)
+        rows = torch.arange(len(targets), device=logits.device) if rows is None else rows
+        values = logits[rows, targets]
+        if post_softmax:
+            values = values - logits.logsumexp(-1)[rows]
+        if self.keep is not None:
+            values = values.masked_fill(~self.keep[rows, targets], self.method.relative_top_value)
+        return values
 
 
-@dataclass(frozen=True)
-class Method:
-    """How a step's scores are formed. ``layers`` are the candidate premature layers (see
-    :func:`sled_ext.models.candidate_layers`); SLED settings follow the published generation setting
-    (docs/algorithm.md)."""
-    name: str = "sled"
-    evolution_rate: float = 2.0
-    evolution_scale: int = 10
-    evolution_lower_bound: float = -1000.0
-    iterations: int = 1
-    layers: object = "all"
-    premature_norm: bool = False
-    relative_top: float = 0.1  # DoLa
-
-    def __post_init__(self):
-        if self.name not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.name!r}")
+def _candidate_values(values, tokens, targets, lower_bound, vocab, post_softmax):
+    """The evolved value of each position's target token (``lower_bound`` outside the top-k);
+    with ``post_softmax`` its log-softmax over the whole evolved vector (k values plus V - k
+    copies of the lower bound)."""
+    hit = tokens == targets[:, None]
+    chosen = torch.where(hit.any(-1), (values * hit).sum(-1),
+                         torch.full_like(values[:, 0], lower_bound))
+    if not post_softmax:
+        return chosen
+    outside = vocab - values.shape[1]
+    parts = [values]
+    if outside:
+        parts.append(torch.full_like(values[:, :1], lower_bound + math.log(outside)))
+    return chosen - torch.logsumexp(torch.cat(parts, -1), -1)
 
 
 class StepScorer:
-    """Next-token scores ``[P, V]`` (float32) for P positions from the final hidden states and the
-    premature rows the adapter captured in the same forward. :meth:`scores` reads only the
-    adapter's head: ``num_layers``, ``vocab``, ``weight``, ``bias``, ``vocab_shard``,
-    ``logit_scale``, ``softcap`` and ``head()``, so a serving engine that stacks the rows itself
-    passes an object with just those (``vllm_plugin._VllmHead``)."""
+    """Next-token values for P positions from the final hidden states and the premature rows the
+    adapter captured in the same forward: the one place where greedy, DoLa and SLED part ways.
+    :meth:`scores` reads only the adapter's head: ``num_layers``, ``vocab``, ``weight``,
+    ``bias``, ``vocab_shard``, ``logit_scale``, ``softcap`` and ``head()``, so a serving engine
+    that stacks the rows itself passes an object with just those (``vllm_plugin._VllmHead``)."""
 
     def __init__(self, adapter: Adapter, method: Method):
         self.adapter, self.method = adapter, method
@@ -59,21 +95,35 @@ class StepScorer:
         return torch.cat([premature, final_hidden.to(premature.device)[None]])
 
     def __call__(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        if self.method.name == "greedy":
-            return self.adapter.head(final_hidden)
-        return self.scores(self.rows(final_hidden))
+        """``[P, V]`` float32 scores of a decoding step."""
+        return self.next_token(final_hidden).dense()
 
     def scores(self, rows: torch.Tensor) -> torch.Tensor:
         """SLED or DoLa scores from the stacked rows. No host synchronisation and no
         data-dependent Python: a step compiles with ``fullgraph=True`` or captures in a CUDA
         graph."""
-        m, a = self.method, self.adapter
-        if m.name == "sled":
+        return self.from_rows(rows).dense()
+
+    def next_token(self, final_hidden: torch.Tensor) -> NextToken:
+        if self.method.name == "greedy":  # the final row alone
+            return self.from_logits(self.adapter.head(final_hidden)[None])
+        return self.from_rows(self.rows(final_hidden))
+
+    def from_rows(self, rows: torch.Tensor) -> NextToken:
+        if self.method.name == "sled":  # fused: the [R, P, V] logits never exist
             values, tokens = self.topk(rows)
-            full = values.new_full((values.shape[0], a.vocab), m.evolution_lower_bound)
-            return full.scatter_(1, tokens, values)
-        contrast, keep = dola_contrast(a.head(rows), m.relative_top)
-        return contrast.masked_fill(~keep, float("-inf"))
+            return NextToken(self.method, self.adapter.vocab, values=values, tokens=tokens)
+        return self.from_logits(self.adapter.head(rows))
+
+    def from_logits(self, logits: torch.Tensor) -> NextToken:
+        """Greedy or DoLa from the rows' logits ``[R, P, V]`` (premature rows first), for callers
+        that share one projection among methods."""
+        if self.method.name == "greedy":
+            return NextToken(self.method, self.adapter.vocab, scores=logits[-1])
+        if self.method.name == "dola":
+            contrast, keep = dola_contrast(logits, self.method.relative_top)
+            return NextToken(self.method, self.adapter.vocab, scores=contrast, keep=keep)
+        raise ValueError("SLED's values come from the fused op (topk), not from logits")
 
     def topk(self, rows: torch.Tensor):
         """SLED's evolved candidates ``(values, tokens)`` ``[P, k]``; over the ranks of a
@@ -175,15 +225,16 @@ def decode(adapter: Adapter, scorer: Callable, input_ids: torch.Tensor, attentio
     return ids
 
 
-def generate(model, input_ids, attention_mask=None, *, method="sled", evolution_rate=2.0,
-             evolution_scale=10, evolution_lower_bound=-1000.0, iterations=1, layers="all",
-             premature_norm=False, relative_top=0.1, max_new_tokens=64, do_sample=False,
-             temperature=1.0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None,
-             pad_token_id=None, stop_strings=None, tokenizer=None, streamer=None, callback=None,
-             generator=None) -> torch.LongTensor:
+def generate(model, input_ids, attention_mask=None, *, method: str | Method = "sled",
+             max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0,
+             repetition_penalty=1.0, eos_token_id=None, pad_token_id=None, stop_strings=None,
+             tokenizer=None, streamer=None, callback=None, generator=None,
+             **settings) -> torch.LongTensor:
     """Generate with SLED (default), DoLa or greedy on any supported Hugging Face causal LM.
 
-    ``input_ids`` ``[B, S]`` (left-padded for batches, with ``attention_mask``). Returns
+    ``method``: a :class:`~sled_ext.method.Method`, or its name with the published generation
+    setting; ``settings`` (``evolution_rate=``, ``layers=``... any field of ``Method``) override
+    either. ``input_ids`` ``[B, S]`` (left-padded for batches, with ``attention_mask``). Returns
     ``[B, S + new]``. Sampling uses ``temperature`` and ``top_p`` when ``do_sample``;
     ``repetition_penalty`` 1.01-1.05 is what the SLED authors recommend for open-ended text.
     Generation stops per row at ``eos_token_id`` (default: the model's) or any of ``stop_strings``
@@ -192,9 +243,7 @@ def generate(model, input_ids, attention_mask=None, *, method="sled", evolution_
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     adapter = adapt(model)
-    scorer = StepScorer(adapter, Method(method, evolution_rate, evolution_scale,
-                                        evolution_lower_bound, iterations, layers,
-                                        premature_norm, relative_top))
+    scorer = StepScorer(adapter, Method.of(method, **settings))
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
@@ -232,10 +281,12 @@ def generate(model, input_ids, attention_mask=None, *, method="sled", evolution_
     return out
 
 
-def custom_generate(method="sled", **settings):
+def custom_generate(method: str | Method = "sled", **settings):
     """For ``model.generate(..., custom_generate=sled_ext.custom_generate("sled", ...))``:
     transformers prepares inputs, logits processors and stopping criteria (max_new_tokens, eos,
     stop strings...) from its generation config, and this loop uses them."""
+    chosen = Method.of(method, **settings)
+
     def decoding_method(model, input_ids, logits_processor, stopping_criteria,
                         generation_config, streamer=None, **model_kwargs):
         # The mask comes among the model's inputs: naming it here would make transformers pass
@@ -245,7 +296,7 @@ def custom_generate(method="sled", **settings):
             raise ValueError(f"SLED, DoLa and greedy decode one sequence per row: num_beams must "
                              f"be 1, got {generation_config.num_beams}")
         adapter = adapt(model)
-        scorer = StepScorer(adapter, Method(method, **settings))
+        scorer = StepScorer(adapter, chosen)
         pad = generation_config._pad_token_tensor
         out = decode(adapter, scorer, input_ids, attention_mask, logits_processor,
                      stopping_criteria,

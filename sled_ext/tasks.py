@@ -28,6 +28,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .method import Method
+
 PACKAGED_DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -54,28 +56,40 @@ class GenerationItem:
     answer: str
 
 
+# How a continuation's values are summed: raw values, or log-probabilities (post_softmax).
+CONVENTIONS = ("raw", "logprob")
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     kind: str  # "choice" or "generation"
     files: tuple[str, ...]
-    # Published SLED settings (docs/algorithm.md): k, alpha, T, lower bound, scoring convention.
-    evolution_scale: int
-    evolution_rate: float
-    iterations: int
-    evolution_lower_bound: float
-    post_softmax: bool = False
+    # The published SLED setting (docs/algorithm.md): k, alpha, T, lower bound.
+    sled: Method
+    post_softmax: bool = False  # the published scoring convention: log-probabilities
+
+    @property
+    def convention(self) -> str:
+        """The published scoring convention, one of :data:`CONVENTIONS`."""
+        return "logprob" if self.post_softmax else "raw"
+
+
+def _published(k: int, alpha: float, iterations: int, lower_bound: float) -> Method:
+    return Method(evolution_scale=k, evolution_rate=alpha, iterations=iterations,
+                  evolution_lower_bound=lower_bound)
 
 
 TASKS = {
-    "truthfulqa": Task("truthfulqa", "choice", ("truthfulqa/TruthfulQA.csv",), 75, 2.5, 10, -100.0),
-    "factor-news": Task("factor-news", "choice", ("factor/news_factor.csv",), 10, 2.0, 1, -2500.0,
-                        post_softmax=True),
-    "factor-expert": Task("factor-expert", "choice", ("factor/expert_factor.csv",), 10, 2.0, 1,
-                          -2500.0, post_softmax=True),
+    "truthfulqa": Task("truthfulqa", "choice", ("truthfulqa/TruthfulQA.csv",),
+                       _published(75, 2.5, 10, -100.0)),
+    "factor-news": Task("factor-news", "choice", ("factor/news_factor.csv",),
+                        _published(10, 2.0, 1, -2500.0), post_softmax=True),
+    "factor-expert": Task("factor-expert", "choice", ("factor/expert_factor.csv",),
+                          _published(10, 2.0, 1, -2500.0), post_softmax=True),
     "strategyqa": Task("strategyqa", "generation", ("strategyqa/train.json", "strategyqa/dev.json"),
-                       5, 1.75, 1, -1000.0),
-    "gsm8k": Task("gsm8k", "generation", ("gsm8k/test.jsonl",), 10, 2.0, 1, -1000.0),
+                       _published(5, 1.75, 1, -1000.0)),
+    "gsm8k": Task("gsm8k", "generation", ("gsm8k/test.jsonl",), _published(10, 2.0, 1, -1000.0)),
 }
 
 
