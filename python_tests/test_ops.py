@@ -437,6 +437,36 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.sled.evolve_logits_topk.default, (logits, 5, 2.0, 2, 1.0, 0.0))
 
 
+def test_opcheck_two_phase(device):
+    hidden, weight, bias = make_inputs(3, 2, 16, 50, torch.float32, True, device)
+    torch.library.opcheck(torch.ops.sled.partials.default,
+                          (hidden, weight[10:], bias[10:], 10, 5, 1.0, 0.0, True))
+    logits = torch.randn(3, 2, 50, device=device)
+    torch.library.opcheck(torch.ops.sled.partials_logits.default, (logits, 0, 5, 1.0, 0.0, False))
+    parts = [p[None] for p in sled_ext.partials_logits(logits, evolution_scale=5)[:5]]
+    torch.library.opcheck(torch.ops.sled.combine.default, (*parts, 4))
+
+
+def test_fake_kernels_check_the_contract():
+    """Traced with fake tensors, a call that breaks the op's contract fails as the op would."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        hidden, weight = torch.empty(3, 2, 16), torch.empty(50, 16)
+        with pytest.raises(ValueError, match="weight must be"):
+            torch.ops.sled.evolve_topk(hidden, torch.empty(50, 8), None, 5, 2.0)
+        with pytest.raises(ValueError, match="R >= 2"):
+            torch.ops.sled.evolve_logits(torch.empty(1, 2, 50), 5, 2.0, LB)
+        with pytest.raises(ValueError, match=r"evolution_scale \(k\) must be in \[1, V\]"):
+            torch.ops.sled.evolve(hidden, weight, None, 51, 2.0, LB)
+        with pytest.raises(TypeError, match="use one dtype"):
+            torch.ops.sled.partials(hidden, weight.half(), None, 0, 5)
+        stats, argmax, values, tokens, premature, _ = torch.ops.sled.partials(
+            hidden, weight, None, 0, 5)
+        with pytest.raises(ValueError, match="premature must have shape"):
+            torch.ops.sled.combine(stats[None], argmax[None], values[None], tokens[None],
+                                   premature[None, :, :, :1], 5)
+
+
 def test_compiles_with_fullgraph(device):
     hidden, weight, bias = make_inputs(3, 2, 16, 300, torch.float32, True, device)
 

@@ -41,7 +41,7 @@ def evolve_logits_topk(logits, *, evolution_scale=10, evolution_rate=2.0, iterat
 def partials(hidden, weight_shard, bias_shard=None, *, vocab_offset, evolution_scale=10,
              logit_scale=1.0, softcap=0.0, keep_final=False):
     """Phase 1 over one vocab shard (rows ``[vocab_offset, vocab_offset + V_r)`` of the head):
-    ``(stats [N, R, 9], argmax [N, R], values [N, k], tokens [N, k], premature [N, k, L],
+    ``(stats [N, R, RECORD_FLOATS], argmax [N, R], values [N, k], tokens [N, k], premature [N, k, L],
     final_rows [N, V_r or 0])``; see :mod:`sled_ext.distributed`. ``stats`` holds per row what
     ``store_record`` in ``csrc/sled_math.h`` lists."""
     return torch.ops.sled.partials.default(hidden, weight_shard, bias_shard, vocab_offset,
@@ -77,6 +77,47 @@ def cpu_kernels():
     return info
 
 
+# The fake kernels state the op's contract (what csrc/sled_ops.cpp checks on real tensors) with
+# torch._check, so a traced call that breaks it fails at trace time, as the op itself would.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_rows(rows, name, last_dim):
+    torch._check_value(rows.dim() == 3 and rows.shape[0] >= 2, lambda: (
+        f"{name} must be [R, N, {last_dim}] with R >= 2 (premature rows, then the final row), "
+        f"got shape {tuple(rows.shape)}"))
+    torch._check_type(rows.dtype in _DTYPES, lambda: (
+        f"{name} must be float32, bfloat16 or float16, got {rows.dtype}"))
+
+
+def _check_like(t, name, rows):
+    torch._check_value(t.device == rows.device, lambda: (
+        f"{name} is on {t.device} but the rows are on {rows.device}"))
+    torch._check_type(t.dtype == rows.dtype, lambda: (
+        f"{name} is {t.dtype} but the rows are {rows.dtype}; use one dtype for all tensors"))
+
+
+def _check_head(hidden, weight, bias):
+    _check_rows(hidden, "hidden", "H")
+    _check_like(weight, "weight", hidden)
+    torch._check_value(weight.dim() == 2 and weight.shape[1] == hidden.shape[2], lambda: (
+        f"weight must be [V, H] with H = {hidden.shape[2]}, got shape {tuple(weight.shape)}"))
+    if bias is not None:
+        _check_like(bias, "bias", hidden)
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: (
+            f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}"))
+
+
+def _check_k(k, vocab=None):
+    """k in [1, V] over a whole vocabulary; a shard (``vocab`` None) may hold fewer tokens."""
+    torch._check_value(k >= 1 and (vocab is None or k <= vocab), lambda: (
+        f"evolution_scale (k) must be in [1, V], got {k}"))
+
+
+def _check_iterations(iterations):
+    torch._check_value(iterations >= 1, lambda: f"iterations must be >= 1, got {iterations}")
+
+
 def _topk_outputs(rows, k):
     positions = rows.shape[1]
     return (rows.new_empty((positions, k), dtype=torch.float32),
@@ -86,23 +127,35 @@ def _topk_outputs(rows, k):
 @torch.library.register_fake("sled::evolve")
 def _(hidden, weight, bias, evolution_scale, evolution_rate, evolution_lower_bound,
       iterations=1, logit_scale=1.0, softcap=0.0):
+    _check_head(hidden, weight, bias)
+    _check_k(evolution_scale, weight.shape[0])
+    _check_iterations(iterations)
     return hidden.new_empty((hidden.shape[1], weight.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("sled::evolve_topk")
 def _(hidden, weight, bias, evolution_scale, evolution_rate, iterations=1, logit_scale=1.0,
       softcap=0.0):
+    _check_head(hidden, weight, bias)
+    _check_k(evolution_scale, weight.shape[0])
+    _check_iterations(iterations)
     return _topk_outputs(hidden, evolution_scale)
 
 
 @torch.library.register_fake("sled::evolve_logits")
 def _(logits, evolution_scale, evolution_rate, evolution_lower_bound, iterations=1,
       logit_scale=1.0, softcap=0.0):
+    _check_rows(logits, "logits", "V")
+    _check_k(evolution_scale, logits.shape[2])
+    _check_iterations(iterations)
     return logits.new_empty((logits.shape[1], logits.shape[2]), dtype=torch.float32)
 
 
 @torch.library.register_fake("sled::evolve_logits_topk")
 def _(logits, evolution_scale, evolution_rate, iterations=1, logit_scale=1.0, softcap=0.0):
+    _check_rows(logits, "logits", "V")
+    _check_k(evolution_scale, logits.shape[2])
+    _check_iterations(iterations)
     return _topk_outputs(logits, evolution_scale)
 
 
@@ -117,16 +170,40 @@ def _partials_outputs(rows, shard_vocab, k, keep_final):
 @torch.library.register_fake("sled::partials")
 def _(hidden, weight, bias, vocab_offset, evolution_scale, logit_scale=1.0, softcap=0.0,
       keep_final=False):
+    _check_head(hidden, weight, bias)
+    _check_k(evolution_scale)
+    torch._check_value(vocab_offset >= 0, lambda: f"vocab_offset must be >= 0, got {vocab_offset}")
     return _partials_outputs(hidden, weight.shape[0], evolution_scale, keep_final)
 
 
 @torch.library.register_fake("sled::partials_logits")
 def _(logits, vocab_offset, evolution_scale, logit_scale=1.0, softcap=0.0, keep_final=False):
+    _check_rows(logits, "logits", "V")
+    _check_k(evolution_scale)
+    torch._check_value(vocab_offset >= 0, lambda: f"vocab_offset must be >= 0, got {vocab_offset}")
     return _partials_outputs(logits, logits.shape[2], evolution_scale, keep_final)
 
 
 @torch.library.register_fake("sled::combine")
 def _(stats, argmax, values, tokens, premature, evolution_scale):
-    N, k = stats.shape[1], evolution_scale
+    torch._check_value(stats.dim() == 4 and stats.shape[2] >= 2
+                       and stats.shape[3] == _C.RECORD_FLOATS, lambda: (
+                           f"stats must be [S, N, R, {_C.RECORD_FLOATS}], got shape "
+                           f"{tuple(stats.shape)}"))
+    S, N, R = stats.shape[:3]
+    kept = values.shape[-1]
+    for t, name, shape, dtype in ((stats, "stats", (S, N, R, _C.RECORD_FLOATS), torch.float32),
+                                  (argmax, "argmax", (S, N, R), torch.int64),
+                                  (values, "values", (S, N, kept), torch.float32),
+                                  (tokens, "tokens", (S, N, kept), torch.int64),
+                                  (premature, "premature", (S, N, kept, R - 1), torch.float32)):
+        torch._check_value(t.shape == shape, lambda: (
+            f"{name} must have shape {shape}, got {tuple(t.shape)}"))
+        torch._check_type(t.dtype == dtype, lambda: f"{name} must be {dtype}, got {t.dtype}")
+        torch._check_value(t.device == stats.device, lambda: (
+            f"{name} is on {t.device} but stats is on {stats.device}"))
+    k = evolution_scale
+    torch._check_value(1 <= k <= kept, lambda: (
+        f"evolution_scale (k) must be in [1, {kept}] (the shards' candidates), got {k}"))
     return (tokens.new_empty((N, k)), values.new_empty((N, k)), values.new_empty((N, k)),
             values.new_empty((N, 2)))
