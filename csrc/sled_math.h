@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -125,8 +126,30 @@ SLED_HD RowStats merge(RowStats a, RowStats b) {
   return a;
 }
 
-// What sled.partials hands over per row: RowStats without argmax, as kRecordFloats floats.
+// What sled.partials hands over per row: RowStats without argmax, as kRecordFloats floats (the
+// extension exports the count to Python as _C.RECORD_FLOATS). RowStats is laid out as the record
+// with the int32 argmax after its first kArgmaxAfter floats, so sled.combine on CUDA can read a
+// record with the argmax bits spliced in as RowStats.
 constexpr int kRecordFloats = 9;
+constexpr int kArgmaxAfter = 1;
+static_assert(sizeof(int32_t) == sizeof(float) &&
+                  sizeof(RowStats) == (kRecordFloats + 1) * sizeof(float),
+              "RowStats must be the record plus a 4-byte argmax, without padding");
+// Where record field i sits in RowStats: store_record's order, shifted past the argmax.
+constexpr std::size_t record_offset(int i) {
+  return (i < kArgmaxAfter ? i : i + 1) * sizeof(float);
+}
+static_assert(offsetof(RowStats, argmax) == kArgmaxAfter * sizeof(float) &&
+                  offsetof(RowStats, max) == record_offset(0) &&
+                  offsetof(RowStats, d_at_max) == record_offset(1) &&
+                  offsetof(RowStats, rest_sum) == record_offset(2) &&
+                  offsetof(RowStats, rest_sq) == record_offset(3) &&
+                  offsetof(RowStats, rest_dot) == record_offset(4) &&
+                  offsetof(RowStats, d_sq) == record_offset(5) &&
+                  offsetof(RowStats, z_min) == record_offset(6) &&
+                  offsetof(RowStats, d_min) == record_offset(7) &&
+                  offsetof(RowStats, d_max) == record_offset(8),
+              "RowStats must keep store_record's order, with argmax after max");
 SLED_HD void store_record(const RowStats& s, float* record) {
   const float fields[kRecordFloats] = {s.max,  s.d_at_max, s.rest_sum, s.rest_sq, s.rest_dot,
                                        s.d_sq, s.z_min,    s.d_min,    s.d_max};

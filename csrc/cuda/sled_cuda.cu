@@ -338,6 +338,33 @@ __device__ void offer_tile(const Params& p, const SharedTile& s, int64_t block_p
   if (lane == 0) p.cand_count[block_position] = count;
 }
 
+// Folds a tile of logits (chunk_positions positions from n0, all R rows of each) into this
+// block's row statistics and candidate lists, and keeps the final rows when asked (T > 1).
+__device__ __forceinline__ void fold_tile(const Params& p, const SharedTile& tile, int64_t block,
+                                          int64_t n0, int chunk_positions, int64_t v0, int cols) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rows = chunk_positions * static_cast<int>(p.R);
+  for (int j = warp; j < rows; j += kWarps) {  // one warp per row
+    const int final_row = (j / p.R) * p.R + p.R - 1;
+    RowStats s = empty_stats<ScalarLanes>();
+    for (int t = lane; t < cols; t += 32) {
+      const float z = tile.logits[j][t];
+      push(s, z, z - tile.logits[final_row][t], static_cast<int32_t>(p.token_offset + v0 + t));
+    }
+    s = warp_merge(s);
+    if (lane == 0) {
+      RowStats& acc = p.stats[(block * p.N + n0 + j / p.R) * p.R + j % p.R];
+      acc = merge(acc, s);
+    }
+  }
+  for (int c = warp; c < chunk_positions; c += kWarps) {  // one warp per position
+    offer_tile(p, tile, block * p.N + n0 + c, c * static_cast<int>(p.R), v0, cols);
+    if (p.final_rows)
+      for (int t = lane; t < cols; t += 32)
+        p.final_rows[(n0 + c) * p.V + v0 + t] = tile.logits[c * p.R + p.R - 1][t];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The finishing block: algorithm.md steps 1-6 for every position of its group. It reads what
 // other blocks wrote through L2 (__ldcg): L1 is not coherent across blocks.
@@ -360,12 +387,12 @@ struct FinishShared {
   float total;
 };
 
+// Row statistics of the whole vocab: the slices' statistics of every row of position n merged
+// into f.stats; a shard's phase 1 also hands them over as its partials record.
 template <Mode mode>
-__device__ void finish_position(const Params& p, FinishShared& f, int64_t group, int64_t n) {
+__device__ __forceinline__ void merge_stats(const Params& p, FinishShared& f, int64_t n) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t blocks = p.slices, slots = blocks * p.cap, L = p.L;
-
-  // Row statistics of the whole vocab.
+  const int64_t blocks = p.slices;
   for (int64_t r = warp; r < p.R; r += kWarps) {
     RowStats s = empty_stats<ScalarLanes>();
     for (int64_t b = lane; b < blocks; b += 32)
@@ -379,10 +406,16 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
       }
     }
   }
+}
 
-  // algorithm.md step 1: the top-k is inside the union of the blocks' lists. A full block's worst
-  // entry bounds the k-th best from below, so only candidates ranking at or above the best such
-  // bound survive; then a radix select over the survivors' rank keys finds the k-th key exactly.
+// algorithm.md step 1: the top-k is inside the union of the blocks' lists. A full block's worst
+// entry bounds the k-th best from below, so only candidates ranking at or above the best such
+// bound survive; then a radix select over the survivors' rank keys finds the k-th key exactly.
+// Leaves the picked candidates' workspace indices in pick_src (unordered); returns how many.
+__device__ __forceinline__ int64_t select_topk(const Params& p, FinishShared& f, int64_t group,
+                                               int64_t n) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t blocks = p.slices, slots = blocks * p.cap;
   uint64_t bound = 0;
   for (int64_t b = threadIdx.x; b < blocks; b += kThreads)
     bound = std::max(bound, __ldcg(&p.block_worst[b * p.N + n]));
@@ -451,21 +484,32 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     picked += added;
   }
   __syncthreads();
+  return k;
+}
 
-  if constexpr (mode == Mode::kPartials) {  // the shard's top-k, padded to k with token -1
-    for (int64_t i = threadIdx.x; i < p.k; i += kThreads) {
-      const bool real = i < k;
-      const int64_t c = real ? pick[i] : 0;
-      p.out_values[n * p.k + i] = real ? __ldcg(&p.cand_value[c]) : 0.f;
-      p.out_tokens[n * p.k + i] = real ? __ldcg(&p.cand_token[c]) : -1;
-      for (int64_t l = 0; l < L; ++l)
-        p.out_premature[(n * p.k + i) * L + l] = real ? __ldcg(&p.cand_carried[c * L + l]) : 0.f;
-    }
-    __syncthreads();
-    return;
+// A shard's phase 1 output: its top-k, padded to k with token -1.
+__device__ __forceinline__ void write_partials(const Params& p, int64_t group, int64_t n,
+                                              int64_t k) {
+  const int32_t* pick = p.pick_src + group * p.k;
+  const int64_t L = p.L;
+  for (int64_t i = threadIdx.x; i < p.k; i += kThreads) {
+    const bool real = i < k;
+    const int64_t c = real ? pick[i] : 0;
+    p.out_values[n * p.k + i] = real ? __ldcg(&p.cand_value[c]) : 0.f;
+    p.out_tokens[n * p.k + i] = real ? __ldcg(&p.cand_token[c]) : -1;
+    for (int64_t l = 0; l < L; ++l)
+      p.out_premature[(n * p.k + i) * L + l] = real ? __ldcg(&p.cand_carried[c * L + l]) : 0.f;
   }
+  __syncthreads();
+}
 
-  // algorithm.md steps 2-4. Weights are recomputed where needed, not stored ([L, k] can be large).
+// algorithm.md steps 2-4: the latent direction delta of the k picked candidates. Weights are
+// recomputed where needed, not stored ([L, k] can be large).
+__device__ __forceinline__ void compute_contrast(const Params& p, FinishShared& f,
+                                                 int64_t group, int64_t k) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int32_t* pick = p.pick_src + group * p.k;
+  const int64_t L = p.L;
   const auto weight_of = [&](int64_t l, int64_t i) {
     const int64_t c = pick[i];
     const float z = __ldcg(&p.cand_carried[c * L + l]);
@@ -493,26 +537,37 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
     delta[i] = -d;
   }
   __syncthreads();
+}
 
+// Phase 2's output (sled.combine): the candidates, their final logits and delta, and the final
+// row's softmax statistics; token -1 and NaN where the shards held fewer than k tokens.
+__device__ __forceinline__ void write_selection(const Params& p, const FinishShared& f,
+                                               int64_t group, int64_t n, int64_t k) {
+  const int32_t* pick = p.pick_src + group * p.k;
+  const float* delta = p.delta + group * p.k;
   const RowStats& fin = f.stats[p.R - 1];
-  if constexpr (mode == Mode::kCombine) {
-    const int64_t width = p.select;
-    for (int64_t i = threadIdx.x; i < width; i += kThreads) {
-      const bool real = i < k;
-      const int64_t c = real ? pick[i] : 0;
-      p.out_tokens[n * width + i] = real ? __ldcg(&p.cand_token[c]) : -1;
-      p.out_values[n * width + i] = real ? __ldcg(&p.cand_value[c]) : NAN;
-      p.out_delta[n * width + i] = real ? delta[i] : NAN;
-    }
-    if (threadIdx.x == 0) {
-      p.out_softmax[n * 2] = fin.max;
-      p.out_softmax[n * 2 + 1] = softmax_total(fin);
-    }
-    __syncthreads();
-    return;
+  const int64_t width = p.select;
+  for (int64_t i = threadIdx.x; i < width; i += kThreads) {
+    const bool real = i < k;
+    const int64_t c = real ? pick[i] : 0;
+    p.out_tokens[n * width + i] = real ? __ldcg(&p.cand_token[c]) : -1;
+    p.out_values[n * width + i] = real ? __ldcg(&p.cand_value[c]) : NAN;
+    p.out_delta[n * width + i] = real ? delta[i] : NAN;
   }
+  if (threadIdx.x == 0) {
+    p.out_softmax[n * 2] = fin.max;
+    p.out_softmax[n * 2 + 1] = softmax_total(fin);
+  }
+  __syncthreads();
+}
 
-  // algorithm.md step 5. Iterations before the last move the whole final row, the last only K.
+// algorithm.md steps 5-6: the evolution of the k candidates, written out (and into `full`).
+// Iterations before the last move the whole final row, the last only K.
+__device__ __forceinline__ void evolve(const Params& p, FinishShared& f, int64_t group, int64_t n,
+                                       int64_t k) {
+  const int32_t* pick = p.pick_src + group * p.k;
+  const float* delta = p.delta + group * p.k;
+  const RowStats& fin = f.stats[p.R - 1];
   float max = fin.max, total = softmax_total(fin);
   float* row = p.final_rows ? p.final_rows + n * p.V : nullptr;
   float* evolved = p.evolved + group * p.k;
@@ -553,6 +608,23 @@ __device__ void finish_position(const Params& p, FinishShared& f, int64_t group,
   __syncthreads();
 }
 
+// The finishing block's work for position n, step by step; the mode says where it stops.
+template <Mode mode>
+__device__ void finish_position(const Params& p, FinishShared& f, int64_t group, int64_t n) {
+  merge_stats<mode>(p, f, n);
+  const int64_t k = select_topk(p, f, group, n);
+  if constexpr (mode == Mode::kPartials) {
+    write_partials(p, group, n, k);
+    return;
+  }
+  compute_contrast(p, f, group, k);
+  if constexpr (mode == Mode::kCombine) {
+    write_selection(p, f, group, n, k);
+    return;
+  }
+  evolve(p, f, group, n, k);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, bool kProjects, Mode mode>
@@ -583,26 +655,7 @@ __global__ void __launch_bounds__(kThreads) sled_kernel(Params p) {
         row_index[j] = (j % p.R) * p.N + n0 + j / p.R;
       __syncthreads();
       load_logits<T, kProjects>(p, tile, row_index, rows, v0, cols);
-
-      for (int j = warp; j < rows; j += kWarps) {  // one warp per row
-        const int final_row = (j / p.R) * p.R + p.R - 1;
-        RowStats s = empty_stats<ScalarLanes>();
-        for (int t = lane; t < cols; t += 32) {
-          const float z = tile.logits[j][t];
-          push(s, z, z - tile.logits[final_row][t], static_cast<int32_t>(p.token_offset + v0 + t));
-        }
-        s = warp_merge(s);
-        if (lane == 0) {
-          RowStats& acc = p.stats[(block * p.N + n0 + j / p.R) * p.R + j % p.R];
-          acc = merge(acc, s);
-        }
-      }
-      for (int c = warp; c < chunk_positions; c += kWarps) {  // one warp per position
-        offer_tile(p, tile, block * p.N + n0 + c, c * static_cast<int>(p.R), v0, cols);
-        if (p.final_rows)
-          for (int t = lane; t < cols; t += 32)
-            p.final_rows[(n0 + c) * p.V + v0 + t] = tile.logits[c * p.R + p.R - 1][t];
-      }
+      fold_tile(p, tile, block, n0, chunk_positions, v0, cols);
       __syncthreads();
     }
   }
@@ -797,12 +850,14 @@ Selection combine_cuda(const Partials& in, int64_t k) {
   TORCH_INTERNAL_ASSERT(R <= kMaxRows);
   const auto options = in.stats.options();
   // Lay the shards' partials out as the fused kernel's per-block workspace: RowStats records
-  // (argmax as int32 bits in the second field), int32 tokens, valid-candidate counts.
-  static_assert(sizeof(RowStats) == (kRecordFloats + 1) * sizeof(float),
-                "RowStats must be the record with argmax after its first field");
+  // (argmax as int32 bits spliced in where RowStats has it, sled_math.h), int32 tokens,
+  // valid-candidate counts.
   const at::Tensor argmax_bits = in.argmax.to(at::kInt).view(at::kFloat).unsqueeze(-1);
-  const at::Tensor stats = at::cat({in.stats.narrow(3, 0, 1), argmax_bits,
-                                    in.stats.narrow(3, 1, kRecordFloats - 1)}, 3).contiguous();
+  const at::Tensor stats =
+      at::cat({in.stats.narrow(3, 0, kArgmaxAfter), argmax_bits,
+               in.stats.narrow(3, kArgmaxAfter, kRecordFloats - kArgmaxAfter)},
+              3)
+          .contiguous();
   const at::Tensor values = in.values.contiguous(), premature = in.premature.contiguous();
   const at::Tensor tokens = in.tokens.to(at::kInt).contiguous();
   const at::Tensor counts = (in.tokens >= 0).sum(-1).to(at::kInt).contiguous();
