@@ -12,7 +12,7 @@ Methods, all on the same inputs in the same run (rate 2.0, lower bound -1000):
   reference   sled_ext.reference.evolve(hidden, weight, None, k, 2.0, -1000.0): one vocab-head call
               per layer, float32 arithmetic, explicit [L, k, V] tensors, one position at a time
 
-Inputs follow `sled demo`: hidden states are a random walk over the rows (neighbouring layers
+Inputs follow `sled step`: hidden states are a random walk over the rows (neighbouring layers
 agree), weight ~ N(0, 2/sqrt(H)); fixed seeds, generated in place.
 
 Timing: one warm-up call, then --repeats timed calls (--reference-repeats for the slow reference);
