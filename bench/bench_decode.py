@@ -31,6 +31,7 @@ import json
 import statistics
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def run_case(name, dtype_name, batch, args):
         for layers in args.layer_sets:
             if layers == "all":  # that is "sled" above
                 continue
-            scorer = StepScorer(adapter, Method("sled", RATE, K, LOWER_BOUND, layers=layers))
+            scorer = StepScorer(adapter, replace(sled_method, layers=layers))
             progress(f"{name} {dtype_name} B={batch}: sled layers={layers}")
             result["layer_sets"][layers] = dict(
                 rows=len(scorer.layers) + 1,

@@ -15,7 +15,10 @@ import math
 
 import torch
 
-from sled_ext import evaluation, tasks
+from sled_ext import Method, tasks
+from sled_ext.decoding import StepScorer
+from sled_ext.models import adapt
+from sled_ext.scoring import continuation_hidden, tokenize_pair
 from sled_ext.reference import NOISE_FLOOR
 
 U = 2.0 ** -24
@@ -47,15 +50,15 @@ def smollm2(items, data):
     from sled_ext.hub import load
     model, tokenizer = load("smollm2-135m")
     chosen = tasks.load("truthfulqa", data)[:items]
+    a = adapt(model)
     for norm in (False, True):
-        scorer = evaluation.ChoiceScorer(model, tokenizer, [], iterations=10,
-                                         evolution_lower_bound=-100, methods=("greedy",),
-                                         premature_norm=norm)
-        a = scorer.adapter
+        captured = StepScorer(a, Method(layers="all", premature_norm=norm))  # every layer's rows
         contrast, rounding = [], []
         with torch.inference_mode():
             for item in chosen:
-                rows, *_ = scorer._forward(item.prompt, list(item.true) + list(item.false))
+                pairs = [tokenize_pair(tokenizer, item.prompt, c) for c in item.true + item.false]
+                final, *_ = continuation_hidden(a, captured.layers, pairs, share=True)
+                rows = captured.rows(final)
                 z = rows.double() @ a.weight.double().T  # [R, positions, V]
                 size = torch.maximum(z[:-1].abs().amax(-1), z[-1].abs().amax(-1))
                 contrast.append(spread_ratio(z[:-1] - z[-1], size).flatten())

@@ -19,6 +19,7 @@ from . import distributed, ops
 from .method import Method
 from .models import Adapter, adapt, candidate_layers
 
+
 @dataclass
 class NextToken:
     """A method's values for the next token at P positions: dense ``scores`` ``[P, V]`` (greedy's
@@ -105,11 +106,13 @@ class StepScorer:
         return self.from_rows(rows).dense()
 
     def next_token(self, final_hidden: torch.Tensor) -> NextToken:
+        """The method's values from the last forward (``final_hidden`` ``[P, H]``)."""
         if self.method.name == "greedy":  # the final row alone
             return self.from_logits(self.adapter.head(final_hidden)[None])
         return self.from_rows(self.rows(final_hidden))
 
     def from_rows(self, rows: torch.Tensor) -> NextToken:
+        """The method's values from the stacked rows ``[R, P, H]`` (premature rows first)."""
         if self.method.name == "sled":  # fused: the [R, P, V] logits never exist
             values, tokens = self.topk(rows)
             return NextToken(self.method, self.adapter.vocab, values=values, tokens=tokens)
