@@ -1,6 +1,7 @@
 """The lm-evaluation-harness model `sled` and the task definitions over the packaged data: the
 same numbers as `sled eval`, the same generations as sled_ext.generate."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from sled_ext import evaluation, tasks
 from sled_ext.harness import TASKS_DIR, SledLM
 from tiny_models import chat_tokenizer, tiny_chat_model
 
-SLED = dict(evolution_scale=20, evolution_rate=2.5)  # TruthfulQA's k = 75 > this vocabulary
+# TruthfulQA's k = 75 > this vocabulary
+SLED = dict(evolution_scale=20, evolution_rate=2.5)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +44,8 @@ def requests(kind, args):
 def test_truthfulqa_equals_sled_eval_in_the_logprob_convention(folder, tmp_path):
     out = tmp_path / "tqa.json"
     report = evaluation.evaluate("truthfulqa", folder, methods=("greedy", "dola", "sled"),
-                                 limit=2, out=out, sled_overrides=SLED, quiet=True)
+                                 limit=2, out=out, quiet=True,
+                                 sled=replace(tasks.TASKS["truthfulqa"].sled, **SLED))
     records = [json.loads(line) for line in out.with_suffix(".items.jsonl").read_text()
                .splitlines()[1:]]
     results = simple_evaluate(

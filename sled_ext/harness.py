@@ -13,7 +13,6 @@ From Python, ``import sled_ext.harness`` registers the model; pass
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from pathlib import Path
 
@@ -25,15 +24,13 @@ from tqdm import tqdm
 
 from . import tasks
 from .cli import DEFAULT_DEVICE, DTYPES
-from .decoding import Method, StepScorer, generate
-from .evaluation import ChoiceScorer, SledSetting
-from .scoring import score
+from .decoding import StepScorer, generate
+from .method import MULTIPLE_CHOICE, Method
+from .scoring import ChoiceScorer
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-# The settings of sled_ext.generate and sled_ext.score (a Method's fields but its name), and
-# DoLa's value for filtered tokens, which only scoring has.
+# The settings of sled_ext.generate and sled_ext.score: a Method's fields but its name.
 SETTINGS = tuple(name for name in Method.__dataclass_fields__ if name != "name")
-SCORING_ONLY = ("relative_top_value",)
 GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p",
                      "repetition_penalty")
 
@@ -62,10 +59,10 @@ class SledLM(LM):
     def __init__(self, pretrained, method="sled", dtype="float32", device=None, batch_size=1,
                  max_gen_toks=256, max_batch_size=None, **settings):
         super().__init__()
-        unknown = sorted(set(settings) - set(SETTINGS) - set(SCORING_ONLY))
+        unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ValueError(f"sled: unknown model_args {unknown}; settings are "
-                             f"{', '.join(SETTINGS + SCORING_ONLY)}")
+                             f"{', '.join(SETTINGS)}")
         if dtype not in DTYPES:
             raise ValueError(f"sled: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not (isinstance(batch_size, int) and batch_size >= 1) or max_batch_size is not None:
@@ -73,11 +70,8 @@ class SledLM(LM):
                              f"max_batch_size), got {batch_size!r}")
         if "layers" in settings:
             settings["layers"] = _layers(settings["layers"])
-        self.generation_settings = {k: v for k, v in settings.items() if k in SETTINGS}
-        defaults = inspect.signature(score).parameters
-        scoring = {name: settings.get(name, defaults[name].default)
-                   for name in SETTINGS + SCORING_ONLY}
-        scoring_method = Method(method, **{k: scoring[k] for k in SETTINGS})  # checks the name
+        self.generation = Method.of(method, **settings)  # checks the name
+        scoring = Method.of(method, MULTIPLE_CHOICE, **settings)
         if device is not None and torch.device(device).type == "cuda" \
                 and not torch.cuda.is_available():
             # lm-eval's command line asks for cuda:0 unless told otherwise; its hf model then
@@ -88,19 +82,10 @@ class SledLM(LM):
         self.model, self.tokenizer = load(pretrained, dtype=DTYPES[dtype],
                                           device=device or DEFAULT_DEVICE)
         self.method, self.batch_size, self.max_gen_toks = method, batch_size, max_gen_toks
-        self.scorer = ChoiceScorer(
-            self.model, self.tokenizer,
-            [SledSetting(method, scoring["evolution_scale"], scoring["evolution_rate"],
-                         scoring["layers"])] if method == "sled" else [],
-            iterations=scoring["iterations"],
-            evolution_lower_bound=scoring["evolution_lower_bound"],
-            methods=(method,) if method != "sled" else (), premature_norm=scoring["premature_norm"],
-            dola_layers=scoring["layers"], relative_top=scoring["relative_top"],
-            relative_top_value=scoring["relative_top_value"])
-        self.step = StepScorer(self.scorer.adapter, scoring_method)
+        self.scorer = ChoiceScorer(self.model, self.tokenizer, {method: scoring})
+        self.step = StepScorer(self.scorer.adapter, scoring)
         # The captured rows (all layers, then the final one) that the method reads.
-        self.rows = {"sled": self.scorer.rows_of.get("sled"), "dola": self.scorer.dola_rows,
-                     "greedy": [-1]}[method]
+        self.rows = self.scorer.rows_of[method]
 
     def loglikelihood(self, requests, disable_tqdm=False):
         """One shared forward per distinct context, for all its continuations."""
@@ -118,8 +103,8 @@ class SledLM(LM):
     @torch.inference_mode()
     def _score(self, context, continuations):
         """``(log-probability, is_greedy)`` of each continuation after ``context``."""
-        rows, targets, owner, source = self.scorer._forward(context, continuations)
-        values = self.scorer._score(rows, targets, source)[self.method]["logprob"]
+        rows, targets, owner, source = self.scorer.forward(context, continuations)
+        values = self.scorer.values(rows, targets, source)[self.method]["logprob"]
         missed = (self._picks(rows)[source] != targets.to(rows.device)).long().cpu()
         totals = torch.zeros(len(continuations), dtype=torch.float64)
         totals.index_add_(0, owner, values.double().cpu())
@@ -161,9 +146,8 @@ class SledLM(LM):
             encoded = tokenizer([r.args[0] for r in batch], return_tensors="pt",
                                 padding=True).to(self.model.device)
             ids = generate(self.model, encoded.input_ids, encoded.attention_mask,
-                           method=self.method, stop_strings=until or None, tokenizer=tokenizer,
-                           pad_token_id=tokenizer.pad_token_id, **kwargs,
-                           **self.generation_settings)
+                           method=self.generation, stop_strings=until or None,
+                           tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, **kwargs)
             texts = tokenizer.batch_decode(ids[:, encoded.input_ids.shape[1]:],
                                            skip_special_tokens=True)
             for request, text in zip(batch, texts):

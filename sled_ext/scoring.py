@@ -172,10 +172,8 @@ class ChoiceScorer:
     @torch.inference_mode()
     def __call__(self, item) -> dict:
         continuations = list(item.true) + list(item.false)
-        pairs = [tokenize_pair(self.tokenizer, item.prompt, c) for c in continuations]
-        final, targets, owner, source = continuation_hidden(self.adapter, self.captured.layers,
-                                                            pairs, share=True)
-        per_position = self._score(self.captured.rows(final), targets, source)
+        rows, targets, owner, source = self.forward(item.prompt, continuations)
+        per_position = self.values(rows, targets, source)
         out = {}
         for label, by_convention in per_position.items():
             out[label] = {}
@@ -185,7 +183,16 @@ class ChoiceScorer:
                 out[label][convention] = totals.tolist()
         return out
 
-    def _score(self, rows, targets, source):
+    def forward(self, prompt, continuations):
+        """The one forward for every continuation of ``prompt``: the captured rows ``[R, U, H]``
+        and, per continuation token, its id, its continuation and its row (see
+        :func:`continuation_hidden`)."""
+        pairs = [tokenize_pair(self.tokenizer, prompt, c) for c in continuations]
+        final, targets, owner, source = continuation_hidden(self.adapter, self.captured.layers,
+                                                            pairs, share=True)
+        return self.captured.rows(final), targets, owner, source
+
+    def values(self, rows, targets, source):
         """``{label: {convention: [P]}}``: each target's value per method (``source``: the row
         that predicts it)."""
         values, parts = {}, []

@@ -29,7 +29,8 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from .decoding import Method, StepScorer
+from .decoding import StepScorer
+from .method import Method
 from .models import UnsupportedModel, VocabShard, candidate_layers
 
 # vLLM architecture name -> the vLLM module holding its model class.
@@ -87,9 +88,11 @@ def request_method(params: SamplingParams) -> Method | None:
     relative_top = number("relative_top", float)
     if not 0 < relative_top <= 1:
         raise ValueError(f"sled setting 'relative_top' must be in (0, 1], got {relative_top}")
-    return Method(settings.get("method", "sled"), number("evolution_rate", float),
-                  number("evolution_scale", int, 1), number("evolution_lower_bound", float),
-                  number("iterations", int, 1), layers, premature_norm, relative_top)
+    return Method(settings.get("method", "sled"), evolution_rate=number("evolution_rate", float),
+                  evolution_scale=number("evolution_scale", int, 1),
+                  evolution_lower_bound=number("evolution_lower_bound", float),
+                  iterations=number("iterations", int, 1), layers=layers,
+                  premature_norm=premature_norm, relative_top=relative_top)
 
 
 def check_for_model(method: Method, vllm_config) -> None:

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from transformers import GenerationMixin
 
-from sled_ext.decoding import Method, custom_generate
+from sled_ext import Method, custom_generate
 
 # The settings of sled_ext.generate (its Method, less the method's name: that is ``method``).
 SETTINGS = tuple(field.name for field in fields(Method) if field.name != "name")
