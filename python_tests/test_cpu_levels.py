@@ -81,15 +81,17 @@ def test_only_the_level_copies_hold_vector_extension_code():
 
 
 # Exactness of the brgemm path in both orientations (few rows: the hidden rows are packed; many
-# rows: the weight tile is), odd H (padded depth), a strided weight, bias, soft-cap, T = 10, and
-# the two-phase form.
+# rows: the weight tile is), packed hidden rows too wide for one product (R = 9, N = 16, H = 2000:
+# three depth blocks), odd H (padded depth), a strided weight, bias, soft-cap, T = 10, and the
+# two-phase form.
 BRGEMM_CHECK = r"""
 import json, math, sys, torch, sled_ext
 from sled_ext import reference as ref
 from tolerance import assert_matches_reference
 torch.manual_seed(0)
 info = sled_ext.cpu_kernels()
-cases = [dict(R=17, N=1, H=256, V=3001), dict(R=5, N=40, H=64, V=2000),
+cases = [dict(R=17, N=1, H=256, V=3001), dict(R=9, N=16, H=2000, V=700),
+         dict(R=5, N=40, H=64, V=2000),
          dict(R=3, N=2, H=33, V=517), dict(R=2, N=7, H=16, V=100)]
 for c in cases:
     for strided in (False, True):
