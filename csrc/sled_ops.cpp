@@ -36,8 +36,7 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
 // Checks what every form shares and fills the scalars of the problem. A vocab shard (sled.partials)
 // may hold fewer than k tokens; a whole vocabulary may not.
 Problem make_problem(const char* op, const char* rows_name, const at::Tensor& rows, int64_t vocab,
-                     int64_t k, double rate, int64_t iterations, double logit_scale,
-                     double softcap, bool whole_vocab = true) {
+                     int64_t k, double logit_scale, double softcap, bool whole_vocab = true) {
   TORCH_CHECK_VALUE(vocab < std::numeric_limits<int32_t>::max(), op,
                     ": the vocabulary must have fewer than 2^31 tokens, got ", vocab);
   if (whole_vocab) {
@@ -46,8 +45,6 @@ Problem make_problem(const char* op, const char* rows_name, const at::Tensor& ro
   } else {
     TORCH_CHECK_VALUE(k >= 1, op, ": evolution_scale (k) must be >= 1, got ", k);
   }
-  TORCH_CHECK_VALUE(iterations >= 1, op, ": iterations must be >= 1, got ", iterations);
-  TORCH_CHECK_VALUE(std::isfinite(rate), op, ": evolution_rate must be finite, got ", rate);
   TORCH_CHECK_VALUE(std::isfinite(logit_scale), op, ": logit_scale must be finite, got ",
                     logit_scale);
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, op,
@@ -58,11 +55,15 @@ Problem make_problem(const char* op, const char* rows_name, const at::Tensor& ro
   p.positions = rows.size(1);
   p.vocab = vocab;
   p.k = k;
-  p.iterations = iterations;
-  p.rate = rate;
   p.logit_scale = logit_scale;
   p.softcap = softcap;
   return p;
+}
+
+Evolution make_evolution(const char* op, double rate, int64_t iterations) {
+  TORCH_CHECK_VALUE(iterations >= 1, op, ": iterations must be >= 1, got ", iterations);
+  TORCH_CHECK_VALUE(std::isfinite(rate), op, ": evolution_rate must be finite, got ", rate);
+  return {rate, iterations};
 }
 
 void check_cuda_rows(const char* op, const at::Device& device, int64_t rows) {
@@ -83,17 +84,15 @@ void check_rows(const char* op, const char* name, const at::Tensor& rows, const 
 }
 
 Problem projection_problem(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, int64_t k, double rate,
-                           int64_t iterations, double logit_scale, double softcap,
-                           bool whole_vocab = true) {
+                           const std::optional<at::Tensor>& bias, int64_t k,
+                           double logit_scale, double softcap, bool whole_vocab = true) {
   check_rows(op, "hidden", hidden, "H");
   check_same(op, "weight", weight, hidden, "hidden");
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2), op,
                     ": weight must be [V, H] with H = ", hidden.size(2),
                     " (the last dim of hidden), got shape ", shape_of(weight));
   const int64_t vocab = weight.size(0);
-  Problem p = make_problem(op, "hidden", hidden, vocab, k, rate, iterations, logit_scale, softcap,
-                           whole_vocab);
+  Problem p = make_problem(op, "hidden", hidden, vocab, k, logit_scale, softcap, whole_vocab);
   p.weight = weight;
   if (bias.has_value()) {
     check_same(op, "bias", *bias, hidden, "hidden");
@@ -104,31 +103,32 @@ Problem projection_problem(const char* op, const at::Tensor& hidden, const at::T
   return p;
 }
 
-Problem logits_problem(const char* op, const at::Tensor& logits, int64_t k, double rate,
-                       int64_t iterations, double logit_scale, double softcap,
-                       bool whole_vocab = true) {
+Problem logits_problem(const char* op, const at::Tensor& logits, int64_t k, double logit_scale,
+                       double softcap, bool whole_vocab = true) {
   check_rows(op, "logits", logits, "V");
-  return make_problem(op, "logits", logits, logits.size(2), k, rate, iterations, logit_scale,
-                      softcap, whole_vocab);
+  return make_problem(op, "logits", logits, logits.size(2), k, logit_scale, softcap, whole_vocab);
 }
 
-using Backend = Candidates (*)(const Problem&);
+using Backend = Candidates (*)(const Problem&, const Evolution&, const at::Tensor&);
 
-at::Tensor run_full(Backend backend, Problem p, const char* op, double lower_bound) {
+at::Tensor run_full(Backend backend, const Problem& p, const Evolution& e, const char* op,
+                    double lower_bound) {
   TORCH_CHECK_VALUE(!std::isnan(lower_bound), op, ": evolution_lower_bound must not be NaN");
-  p.full = at::full({p.positions, p.vocab}, lower_bound, p.rows.options().dtype(at::kFloat));
-  if (p.positions > 0) backend(p);
-  return p.full;
+  at::Tensor full =
+      at::full({p.positions, p.vocab}, lower_bound, p.rows.options().dtype(at::kFloat));
+  if (p.positions > 0) backend(p, e, full);
+  return full;
 }
 
 // Sorted by evolved value, descending; ties go to the lower token.
-std::tuple<at::Tensor, at::Tensor> run_topk(Backend backend, const Problem& p) {
+std::tuple<at::Tensor, at::Tensor> run_topk(Backend backend, const Problem& p,
+                                            const Evolution& e) {
   if (p.positions == 0) {
     const auto options = p.rows.options();
     return {at::empty({0, p.k}, options.dtype(at::kFloat)),
             at::empty({0, p.k}, options.dtype(at::kLong))};
   }
-  const Candidates c = backend(p);
+  const Candidates c = backend(p, e, at::Tensor());
   const auto [tokens, by_token] = c.tokens.sort(/*dim=*/1);
   const auto [values, order] =
       c.values.gather(1, by_token).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true);
@@ -140,10 +140,8 @@ at::Tensor evolve(const at::Tensor& hidden, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, int64_t k, double rate,
                   double lower_bound, int64_t iterations, double logit_scale, double softcap) {
   constexpr const char* op = "sled.evolve";
-  return run_full(backend,
-                  projection_problem(op, hidden, weight, bias, k, rate, iterations, logit_scale,
-                                     softcap),
-                  op, lower_bound);
+  return run_full(backend, projection_problem(op, hidden, weight, bias, k, logit_scale, softcap),
+                  make_evolution(op, rate, iterations), op, lower_bound);
 }
 
 template <Backend backend>
@@ -151,24 +149,26 @@ std::tuple<at::Tensor, at::Tensor> evolve_topk(const at::Tensor& hidden, const a
                                                const std::optional<at::Tensor>& bias, int64_t k,
                                                double rate, int64_t iterations,
                                                double logit_scale, double softcap) {
-  return run_topk(backend, projection_problem("sled.evolve_topk", hidden, weight, bias, k, rate,
-                                              iterations, logit_scale, softcap));
+  constexpr const char* op = "sled.evolve_topk";
+  return run_topk(backend, projection_problem(op, hidden, weight, bias, k, logit_scale, softcap),
+                  make_evolution(op, rate, iterations));
 }
 
 template <Backend backend>
 at::Tensor evolve_logits(const at::Tensor& logits, int64_t k, double rate, double lower_bound,
                          int64_t iterations, double logit_scale, double softcap) {
   constexpr const char* op = "sled.evolve_logits";
-  return run_full(backend, logits_problem(op, logits, k, rate, iterations, logit_scale, softcap),
-                  op, lower_bound);
+  return run_full(backend, logits_problem(op, logits, k, logit_scale, softcap),
+                  make_evolution(op, rate, iterations), op, lower_bound);
 }
 
 template <Backend backend>
 std::tuple<at::Tensor, at::Tensor> evolve_logits_topk(const at::Tensor& logits, int64_t k,
                                                       double rate, int64_t iterations,
                                                       double logit_scale, double softcap) {
-  return run_topk(backend, logits_problem("sled.evolve_logits_topk", logits, k, rate, iterations,
-                                          logit_scale, softcap));
+  constexpr const char* op = "sled.evolve_logits_topk";
+  return run_topk(backend, logits_problem(op, logits, k, logit_scale, softcap),
+                  make_evolution(op, rate, iterations));
 }
 
 using PartialsTuple =
@@ -193,8 +193,7 @@ PartialsTuple partials(const at::Tensor& hidden, const at::Tensor& weight,
   constexpr const char* op = "sled.partials";
   return run_partials<backend>(
       op,
-      projection_problem(op, hidden, weight, bias, k, /*rate=*/0.0, /*iterations=*/1, logit_scale,
-                         softcap, /*whole_vocab=*/false),
+      projection_problem(op, hidden, weight, bias, k, logit_scale, softcap, /*whole_vocab=*/false),
       vocab_offset, keep_final);
 }
 
@@ -204,8 +203,7 @@ PartialsTuple partials_logits(const at::Tensor& logits, int64_t vocab_offset, in
   constexpr const char* op = "sled.partials_logits";
   return run_partials<backend>(
       op,
-      logits_problem(op, logits, k, /*rate=*/0.0, /*iterations=*/1, logit_scale, softcap,
-                     /*whole_vocab=*/false),
+      logits_problem(op, logits, k, logit_scale, softcap, /*whole_vocab=*/false),
       vocab_offset, keep_final);
 }
 

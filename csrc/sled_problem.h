@@ -16,11 +16,15 @@ struct Problem {
                       // premature rows first, the final row last
   at::Tensor weight;  // [V, H] vocab head; undefined for the logits form
   at::Tensor bias;    // [V] or undefined
-  at::Tensor full;    // [N, V] float32 filled with the lower bound, where the backend scatters the
-                      // evolved values; undefined for the top-k form
-  int64_t num_rows, positions, vocab, k, iterations;
-  double rate, logit_scale, softcap;
+  int64_t num_rows, positions, vocab, k;
+  double logit_scale, softcap;
   bool projects() const { return weight.defined(); }
+};
+
+// The evolution a whole-vocabulary call asks for (algorithm.md step 5): rate alpha, T steps.
+struct Evolution {
+  double rate;
+  int64_t iterations;
 };
 
 // The evolved top-k of every position, in any order: values [N, k] float32, tokens [N, k] int64.
@@ -47,9 +51,11 @@ struct Selection {
   at::Tensor softmax;  // [N, 2] float32 final row's max and sum of exp(z - max) over all shards
 };
 
-// Each backend runs one Problem with positions >= 1.
-Candidates evolve_cpu(const Problem& problem);
-Candidates evolve_cuda(const Problem& problem);
+// Each backend runs one Problem with positions >= 1. The evolve backends scatter the evolved
+// values into `full` ([N, V] float32 filled with the lower bound) when it is defined (the
+// full-row form), and return them.
+Candidates evolve_cpu(const Problem& problem, const Evolution& evolution, const at::Tensor& full);
+Candidates evolve_cuda(const Problem& problem, const Evolution& evolution, const at::Tensor& full);
 Partials partials_cpu(const Problem& problem, int64_t vocab_offset, bool keep_final);
 Partials partials_cuda(const Problem& problem, int64_t vocab_offset, bool keep_final);
 Selection combine_cpu(const Partials& stacked, int64_t k);

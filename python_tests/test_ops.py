@@ -336,6 +336,18 @@ def test_deterministic_and_independent_of_thread_count():
     assert torch.equal(many, sled_ext.evolve(hidden, weight, bias, iterations=3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_weight_that_requires_grad(device, dtype):
+    """A model's parameters require grad; the op (its products run in worker threads too) gives
+    the same values with or without grad mode, as with a plain tensor."""
+    hidden, weight, _ = make_inputs(5, 3, 64, 20000, dtype, device=device)
+    expected = sled_ext.evolve(hidden, weight)
+    parameter = torch.nn.Parameter(weight)
+    assert torch.equal(sled_ext.evolve(hidden, parameter), expected)
+    with torch.inference_mode():
+        assert torch.equal(sled_ext.evolve(hidden, parameter), expected)
+
+
 def test_non_finite_inputs_stay_in_their_position(device):
     """Documented: a NaN/inf in a position's hidden rows makes that position's evolved values NaN;
     other positions are untouched; the kept tokens are always k distinct valid indices."""

@@ -10,6 +10,7 @@
 // select_topk (a shard's partials), compute_contrast (combine: steps 2-4), evolve (step 5).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
@@ -590,6 +591,9 @@ std::string cpu_kernels(at::ScalarType dtype) {
 }
 
 Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
+  // The op is not differentiable: its own ATen calls skip autograd, so a weight that requires
+  // grad (a model's parameter) works outside no_grad too.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t R = p.num_rows, N = p.positions, V = p.vocab, k = p.k;
   const auto f32 = p.rows.options().dtype(at::kFloat);
   const Projection how(p);
@@ -607,7 +611,10 @@ Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
   // by a busier chunk) does not hold the others up; results stay in chunk order.
   std::atomic<int64_t> next_chunk{0};
   const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  // The workers call ATen (the products) in this thread's dispatch state, below autograd.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state(caller_state);
     ChunkFolder folder(p, how, hidden, bias, vocab_offset, final_rows);
     for (int64_t chunk; (chunk = next_chunk++) < chunks;)
       folder.fold_chunk(chunk * tiles / chunks, (chunk + 1) * tiles / chunks, results[chunk]);
@@ -678,10 +685,10 @@ Selection combine_cpu(const Partials& in, int64_t k) {
   return out;
 }
 
-Candidates evolve_cpu(const Problem& p) {
+Candidates evolve_cpu(const Problem& p, const Evolution& e, const at::Tensor& full) {
   const int64_t N = p.positions, V = p.vocab, k = p.k;
   // T > 1 needs the whole final row for the later softmaxes (algorithm.md step 5).
-  const Partials parts = partials_cpu(p, 0, p.iterations > 1);
+  const Partials parts = partials_cpu(p, 0, e.iterations > 1);
   const Selection sel = combine_cpu(
       {parts.stats.unsqueeze(0), parts.argmax.unsqueeze(0), parts.values.unsqueeze(0),
        parts.tokens.unsqueeze(0), parts.premature.unsqueeze(0), at::Tensor()},
@@ -694,11 +701,11 @@ Candidates evolve_cpu(const Problem& p) {
       const int64_t* tokens = sel.tokens.data_ptr<int64_t>() + n * k;
       evolve(kernels, x_k, tokens, sel.delta.data_ptr<float>() + n * k, k,
              sel.softmax.data_ptr<float>()[n * 2], sel.softmax.data_ptr<float>()[n * 2 + 1],
-             p.iterations > 1 ? parts.final_rows.data_ptr<float>() + n * V : nullptr, V, p.rate,
-             p.iterations);
-      if (p.full.defined()) {
-        float* full = p.full.data_ptr<float>() + n * V;
-        for (int64_t i = 0; i < k; ++i) full[tokens[i]] = x_k[i];
+             e.iterations > 1 ? parts.final_rows.data_ptr<float>() + n * V : nullptr, V, e.rate,
+             e.iterations);
+      if (full.defined()) {
+        float* row = full.data_ptr<float>() + n * V;
+        for (int64_t i = 0; i < k; ++i) row[tokens[i]] = x_k[i];
       }
     }
   });

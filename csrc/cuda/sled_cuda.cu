@@ -744,8 +744,7 @@ struct FusedLaunch {
     p.V = problem.vocab;
     p.k = problem.k;
     p.L = p.R - 1;
-    p.iterations = problem.iterations;
-    p.rate = problem.rate;
+    p.iterations = 1;  // evolve_cuda sets the evolution; the other modes have none
     p.scale = static_cast<float>(problem.logit_scale);
     p.softcap = static_cast<float>(problem.softcap);
     p.token_offset = token_offset;
@@ -815,14 +814,16 @@ struct FusedLaunch {
 
 }  // namespace
 
-Candidates evolve_cuda(const Problem& problem) {
+Candidates evolve_cuda(const Problem& problem, const Evolution& evolution, const at::Tensor& full) {
   const c10::cuda::CUDAGuard guard(problem.rows.device());
-  FusedLaunch l(problem, /*token_offset=*/0, /*keep_final=*/problem.iterations > 1);
+  FusedLaunch l(problem, /*token_offset=*/0, /*keep_final=*/evolution.iterations > 1);
+  l.p.iterations = evolution.iterations;
+  l.p.rate = evolution.rate;
   at::Tensor values = at::empty({l.p.N, l.p.k}, l.options.dtype(at::kFloat));
   at::Tensor tokens = at::empty({l.p.N, l.p.k}, l.options.dtype(at::kLong));
   l.p.out_values = values.data_ptr<float>();
   l.p.out_tokens = tokens.data_ptr<int64_t>();
-  l.p.full = problem.full.defined() ? problem.full.data_ptr<float>() : nullptr;
+  l.p.full = full.defined() ? full.data_ptr<float>() : nullptr;
   l.run<Mode::kEvolve>(problem.projects());
   return {values, tokens};
 }
