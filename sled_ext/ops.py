@@ -41,9 +41,9 @@ def evolve_logits_topk(logits, *, evolution_scale=10, evolution_rate=2.0, iterat
 def partials(hidden, weight_shard, bias_shard=None, *, vocab_offset, evolution_scale=10,
              logit_scale=1.0, softcap=0.0, keep_final=False):
     """Phase 1 over one vocab shard (rows ``[vocab_offset, vocab_offset + V_r)`` of the head):
-    ``(stats [N, R, RECORD_FLOATS], argmax [N, R], values [N, k], tokens [N, k], premature [N, k, L],
-    final_rows [N, V_r or 0])``; see :mod:`sled_ext.distributed`. ``stats`` holds per row what
-    ``store_record`` in ``csrc/sled_math.h`` lists."""
+    ``(stats [N, R, RECORD_FLOATS], argmax [N, R], values [N, k], tokens [N, k],
+    premature [N, k, L], final_rows [N, V_r or 0])``; see :mod:`sled_ext.distributed`.
+    ``stats`` holds per row what ``store_record`` in ``csrc/sled_math.h`` lists."""
     return torch.ops.sled.partials.default(hidden, weight_shard, bias_shard, vocab_offset,
                                            evolution_scale, logit_scale, softcap, keep_final)
 

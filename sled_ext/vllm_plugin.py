@@ -1,8 +1,9 @@
 """SLED, DoLa and greedy inside vLLM (``pip install "sled-ext[vllm]"``), per request:
-``SamplingParams(extra_args={"sled": {"method": "sled", "evolution_rate": 2.0, ...}})``, through the
-OpenAI-compatible server as ``extra_body={"vllm_xargs": {"sled": json.dumps({...})}}`` (the
-server's ``vllm_xargs`` values cannot be objects, so there the settings come as a JSON string). The settings are those of
-:func:`sled_ext.generate`; a request without them decodes as stock vLLM.
+``SamplingParams(extra_args={"sled": {"method": "sled", "evolution_rate": 2.0, ...}})``, through
+the OpenAI-compatible server as ``extra_body={"vllm_xargs": {"sled": json.dumps({...})}}`` (the
+server's ``vllm_xargs`` values cannot be objects, so there the settings come as a JSON string).
+The settings are those of :func:`sled_ext.generate`; a request without them decodes as stock
+vLLM.
 
 Three pieces, all found through entry points (pyproject.toml), so no config is edited:
 
@@ -52,7 +53,8 @@ _batches: dict[int, SledRequests] = {}
 
 def request_method(params: SamplingParams) -> Method | None:
     """The request's ``extra_args["sled"]`` as a :class:`Method`; None when it has none. Raises
-    ``ValueError`` naming the setting for anything that is not a valid setting whatever the model."""
+    ``ValueError`` naming the setting for anything that is not a valid setting whatever the
+    model."""
     settings = (params.extra_args or {}).get("sled")
     if settings is None:
         return None
