@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("vllm")
 
 import sled_ext  # noqa: E402
+from sled_ext.method import METHODS  # noqa: E402
 from sled_ext.vllm_plugin import request_method  # noqa: E402
 from tiny_models import chat_tokenizer, tiny_model  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
@@ -124,7 +125,7 @@ def test_mixed_batch_decodes_as_generate_and_stock_requests_as_stock_vllm(llama,
 
     k_error, method_error, layers_error = result["errors"]
     assert "'evolution_scale' (k) must be in [1, V] = [1, 211], got 212" in k_error
-    assert "method must be one of sled, dola, greedy, got 'contrastive'" in method_error
+    assert f"method must be one of {', '.join(METHODS)}, got 'contrastive'" in method_error
     assert "premature layers must be in [0, 2]" in layers_error
 
 
