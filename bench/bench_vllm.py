@@ -11,7 +11,8 @@ Time per step = (T(1 + n) - T(1)) / n, T(m) the wall time of one generate call o
 (prefill and first token cancel); medians of --repeats. "extra" = plugin+sled - stock per step;
 "floor" is the projection every exact SLED step must add: the GEMM of all stacked rows
 ([R*B, H] with R = 31, the 30 premature layers and the final row) against the head ([H, V]),
-timed in this process before any engine starts.
+timed in this process before any engine starts, on --floor-threads threads (default 1: what
+vLLM's CPU worker computes with on a 2-core machine, where it keeps one core for itself).
 
     .venv-vllm/bin/python bench/bench_vllm.py            # after make test-vllm; about 5 minutes
 """
@@ -60,15 +61,20 @@ def engine_times(folder, sled, batches, new_tokens, repeats):
     return out
 
 
-def floor_seconds(rows, batch, repeats):
+def floor_seconds(rows, batch, repeats, threads):
     weight = torch.randn(CONFIG["vocab_size"], CONFIG["hidden_size"])
     x = torch.randn(rows * batch, CONFIG["hidden_size"])
-    x @ weight.T
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
         x @ weight.T
-        runs.append(time.perf_counter() - start)
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ weight.T
+            runs.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
     return statistics.median(runs)
 
 
@@ -78,6 +84,7 @@ def main():
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--floor-threads", type=int, default=1)
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # internal: run one engine
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -89,7 +96,7 @@ def main():
 
     import transformers
     rows = CONFIG["num_hidden_layers"] + 1
-    floors = {b: floor_seconds(rows, b, 10) for b in args.batch}
+    floors = {b: floor_seconds(rows, b, 10, args.floor_threads) for b in args.batch}
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**CONFIG)
@@ -106,7 +113,7 @@ def main():
             line = next(line for line in out.splitlines() if line.startswith("RESULT "))
             results[engine] = {int(b): s for b, s in json.loads(line[7:]).items()}
     print(f"load average {os.getloadavg()}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; R = {rows}, V = {CONFIG['vocab_size']}")
+          f"floor on {args.floor_threads} thread(s); R = {rows}, V = {CONFIG['vocab_size']}")
     print(f"{'B':>3}  {'stock':>8}{'plugin':>8}{'sled':>8}  {'extra':>8}{'floor':>8}"
           f"{'extra/floor':>12}")
     print(f"{'':>3}  {'tok/s':>8}{'tok/s':>8}{'tok/s':>8}  {'ms/step':>8}{'ms':>8}")
