@@ -200,6 +200,9 @@ constexpr int64_t kBrgemmBlock = 16;
 // its rows slow down. Blocks are a multiple of an AMX tile's depth (32 bf16). Sapphire Rapids,
 // 2 threads: Llama-3-8B-like N = 8 took 1.28x torch's bf16 GEMM in 512 KiB blocks, 1.02x in 256.
 constexpr int64_t kHiddenBlockBytes = 256 * 1024, kDepthStep = 32;
+// Packed hidden rows share each product's logits budget with the tile: past this many columns
+// the tile would be too narrow, and the weight tiles are packed instead.
+constexpr int64_t kMaxPackedColumns = kLogitsBudget / 128;
 
 int64_t round_up(int64_t x, int64_t step) { return (x + step - 1) / step * step; }
 
@@ -224,11 +227,11 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 // How a call's products are laid out: the tile size and, for brgemm, which operand is packed.
 // brgemm reads its A operand in place and B packed (a transpose of 32-bit words), so the smaller
 // one is packed:
-//  - fewer padded hidden rows than H / 2 (decoding): all hidden rows are packed once per call, in
-//    one group, and the weight tile is A, streamed from memory once, a depth block at a time
-//    (kHiddenBlockBytes); the product comes out [tile, rows] and is turned back (rows * tile
-//    words per tile instead of H / 2 * tile). On Sapphire Rapids (AMX, one thread) packing the
-//    hidden rows made R = 17-23, N = 1 0.9x torch's bf16 GEMM instead of 2x;
+//  - fewer padded hidden rows than H / 2 and kMaxPackedColumns (decoding): all hidden rows are
+//    packed once per call, in one group, and the weight tile is A, streamed from memory once, a
+//    depth block at a time (kHiddenBlockBytes); the product comes out [tile, rows] and is turned
+//    back (rows * tile words per tile instead of H / 2 * tile). On Sapphire Rapids (AMX, one
+//    thread) packing the hidden rows made R = 17-23, N = 1 0.9x torch's bf16 GEMM instead of 2x;
 //  - many rows (scoring): each weight tile is packed once and serves every group.
 struct Projection {
   Source source;
@@ -249,7 +252,8 @@ struct Projection {
       source = p.weight.stride(1) == 1 ? Source::kFloat : Source::kWidened;
     } else {
       layout = brgemm_layout(p.weight.scalar_type());
-      packs_hidden = round_up(N * R, kBrgemmBlock) * 2 <= H + H % 2;
+      const int64_t all_columns = round_up(N * R, kBrgemmBlock);
+      packs_hidden = all_columns * 2 <= H + H % 2 && all_columns <= kMaxPackedColumns;
       // The plain layout serves only the orientation that packs the (few) hidden rows; oneDNN
       // refuses an empty depth (sgemm gives the zero product).
       const bool usable = H > 0 && (layout == BLayout::kPairs ||
