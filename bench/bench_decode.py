@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from bench_op import machine_info, progress, wait_until_quiet
+from bench_op import machine_info, progress, time_ms, wait_until_quiet
 from sled_ext import reference
 from sled_ext.decoding import Method, StepScorer, decode
 from sled_ext.models import adapt
@@ -86,13 +86,8 @@ def per_token_ms(adapter, scorer, ids, new_tokens, repeats):
 def floor_ms(adapter, rows, batch, repeats):
     weight = adapter.weight
     x = torch.randn(rows * batch, weight.shape[1], dtype=weight.dtype)
-    x @ weight.T
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x @ weight.T
-        runs.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(runs)
+    times, _ = time_ms(lambda: x @ weight.T, repeats, weight.device)
+    return statistics.median(times)
 
 
 def run_case(name, dtype_name, batch, args):

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from bench_op import time_ms
+
 CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
               num_attention_heads=9, num_key_value_heads=3, head_dim=64,
               max_position_embeddings=2048, tie_word_embeddings=True)
@@ -67,15 +69,10 @@ def floor_seconds(rows, batch, repeats, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x @ weight.T
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            x @ weight.T
-            runs.append(time.perf_counter() - start)
+        times, _ = time_ms(lambda: x @ weight.T, repeats, weight.device)
     finally:
         torch.set_num_threads(before)
-    return statistics.median(runs)
+    return statistics.median(times) / 1e3
 
 
 def main():
