@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance

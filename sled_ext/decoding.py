@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.generation import (EosTokenCriteria, LogitsProcessorList,
                                      RepetitionPenaltyLogitsProcessor, StoppingCriteriaList,
