@@ -26,7 +26,7 @@ from torch.utils.cpp_extension import (  # noqa: E402
 # Per level: the flags of torch's own kernels for it (ATen's vec headers read CPU_CAPABILITY_*).
 X86_LEVELS = {
     "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY_AVX512"],
 }

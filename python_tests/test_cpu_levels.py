@@ -136,3 +136,35 @@ def test_bf16_takes_brgemm_where_the_cpu_multiplies_it():
     if BEST != "AVX512" or not (flags.get("amx_bf16") or flags.get("avx512_bf16")):
         pytest.skip("needs AVX-512 with AMX or AVX512-BF16")
     assert sled_ext.cpu_kernels()["bfloat16"] == "brgemm"
+
+
+def test_fp16_takes_amx_where_the_cpu_multiplies_bf16_there():
+    """AMX-BF16 without AMX-FP16 (Sapphire/Emerald Rapids): fp16 is split into bf16 parts for AMX
+    rather than widened to fp32; with AMX-FP16 it goes to brgemm as it is."""
+    flags = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
+        else {}
+    if BEST != "AVX512" or not flags.get("amx_bf16"):
+        pytest.skip("needs AVX-512 with AMX-BF16")
+    expected = "brgemm" if flags.get("amx_fp16") else "brgemm, split into bfloat16 hi + lo"
+    assert sled_ext.cpu_kernels()["float16"] == expected
+
+
+@pytest.mark.parametrize("positions", [2, 40], ids=["hidden rows packed", "weight tiles packed"])
+def test_every_half_projects_exactly(positions):
+    """A one-hot hidden row projects the weight's column exactly, in every dtype path: here all
+    65536 float16 values (infinities and NaNs too), through both orientations of the product and
+    the odd depth's last column (a vector loop's tail). Where fp16 is split into bf16 hi + lo (AMX
+    without AMX-FP16), a value hi + lo did not rebuild would show (dropping lo alone is off by up
+    to 2^-9), and so would an infinity times a zero part (NaN instead of the infinity)."""
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    V, H = every.numel(), 65
+    weight = (torch.randn(V, H) / 8).half()
+    weight[:, 0], weight[:, H - 1] = every, every.flip(0)
+    hidden = torch.zeros(2, positions, H, dtype=torch.float16)
+    columns = torch.tensor([0, H - 1]).repeat(positions // 2)
+    hidden[-1, torch.arange(positions), columns] = 1.0
+    hidden[0] = torch.randn(positions, H).half()
+    final_rows = sled_ext.partials(hidden, weight, vocab_offset=0, keep_final=True)[5]
+    expected = (hidden[-1].double() @ weight.double().t()).float()  # 0 * inf is NaN there too
+    assert expected.isinf().any() and expected.isfinite().sum() > 60000
+    torch.testing.assert_close(final_rows, expected, rtol=0, atol=0, equal_nan=True)

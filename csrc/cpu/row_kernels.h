@@ -4,6 +4,9 @@
 // Only those copies are built with ISA flags, so the rest of the library runs on any x86-64 CPU.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 #include "../sled_math.h"
@@ -35,6 +38,12 @@ struct RowKernels {
   // carry the bits: only moves and shuffles touch them).
   void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
                     int64_t cols);
+  // Splits each half of the [rows, count] matrix x into bf16 hi and lo with hi + lo == x
+  // exactly (a half's 11 significant bits: hi keeps 8, lo the rest, within bf16's range).
+  // Returns false if x holds a NaN or an infinity (hi keeps it; lo is 0 there). AVX512 only (null
+  // below it): brgemm needs AVX-512.
+  bool (*split_half)(const c10::Half* x, int64_t ld_x, int64_t rows, int64_t count,
+                     c10::BFloat16* hi, c10::BFloat16* lo, int64_t ld_out);
 };
 
 // The copies that were compiled (row_kernels_simd.cpp) and the one this CPU runs.

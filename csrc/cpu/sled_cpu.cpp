@@ -95,22 +95,12 @@ struct ChunkResult {
 };
 
 // brgemm (oneDNN's micro-kernel behind at::native::cpublas) multiplies 16-bit A [m, depth] by B
-// [depth, n], accumulating in fp32. B comes in one of two layouts, by what the CPU has:
-enum class BLayout {
-  kNone,   // no brgemm for this dtype here
-  kPairs,  // [depth / 2, n, 2] (VNNI): each pair of neighbours along depth together; AMX and
-           // AVX512-BF16 multiply pairs. A pair is one 32-bit word: packing is a word transpose
-  kPlain,  // [depth, n] row-major: fp16 without AMX-FP16, through torch's fallback GEMM
-};
-
-// Writes `rows` [n, depth] (16-bit, unit column stride; even depth and row stride for pairs) as
-// B for brgemm into the contiguous `out`.
-void pack_b(const at::Tensor& rows, BLayout layout, at::Tensor& out) {
+// [depth, n] packed in pairs, [depth / 2, n, 2] (VNNI: each pair of neighbours along depth in one
+// 32-bit word), accumulating in fp32 on the CPU's matrix or dot-product instructions (AMX,
+// AVX512-BF16). Writes `rows` [n, depth] (16-bit, unit column stride, even depth and row stride)
+// packed into the contiguous `out`: a transpose of 32-bit words.
+void pack_b(const at::Tensor& rows, at::Tensor& out) {
   const int64_t n = rows.size(0), depth = rows.size(1);
-  if (layout == BLayout::kPlain) {
-    out.view({depth, n}).copy_(rows.t());
-    return;
-  }
   row_kernels().transpose(reinterpret_cast<const float*>(rows.const_data_ptr()),
                           rows.stride(0) / 2, reinterpret_cast<float*>(out.data_ptr()), n, n,
                           depth / 2);
@@ -119,37 +109,40 @@ void pack_b(const at::Tensor& rows, BLayout layout, at::Tensor& out) {
 // out [m, n] (row stride n) = a [m, depth] (row stride lda) times b [depth, n] as pack_b wrote
 // it, both `dtype`; `accumulate` adds the product to out instead.
 void brgemm_fp32(at::ScalarType dtype, int64_t m, int64_t n, int64_t depth, const void* a,
-                 int64_t lda, const void* b, BLayout layout, float* out, bool accumulate) {
+                 int64_t lda, const void* b, float* out, bool accumulate) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "sled_brgemm", [&] {
     at::native::cpublas::brgemm(m, n, depth, lda, n, n, accumulate,
                                 static_cast<const scalar_t*>(a), static_cast<const scalar_t*>(b),
-                                out, layout == BLayout::kPairs);
+                                out, /*is_vnni=*/true);
   });
 #else
-  (void)dtype, (void)m, (void)n, (void)depth, (void)a, (void)lda, (void)b, (void)layout;
-  (void)out, (void)accumulate;
+  (void)dtype, (void)m, (void)n, (void)depth, (void)a, (void)lda, (void)b, (void)out;
+  (void)accumulate;
   TORCH_CHECK(false, "sled: this build of torch has no brgemm");
 #endif
 }
 
-// How brgemm multiplies `dtype` (bf16 or fp16) here: in pairs on the CPU's matrix or dot-product
-// instructions (AMX; AVX512-BF16), fp16 in the plain layout on AVX512-FP16, or not at all. Checked
-// once on a small product whose every term and sum is exact, so a torch whose oneDNN lacks the
-// micro-kernel (or reads B otherwise) falls back to the fp32 projection instead of failing or
-// computing something else.
-BLayout brgemm_layout(at::ScalarType dtype) {
+// Whether brgemm multiplies `dtype` (bf16 or fp16) here in pairs on the CPU's matrix or
+// dot-product instructions. Checked once on a small product whose every term and sum is exact, so
+// a torch whose oneDNN lacks the micro-kernel (or reads B otherwise) falls back to the fp32
+// projection instead of failing or computing something else.
+bool brgemm_multiplies(at::ScalarType dtype) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32) && \
     defined(SLED_X86_LEVELS)
-  const auto exact = [](at::ScalarType dtype, BLayout layout) {
+  const auto check = [](at::ScalarType dtype) {
+    if (std::strcmp(row_kernels().level, "AVX512") != 0) return false;  // oneDNN's needs
+    if (!at::native::cpublas::could_pack(dtype) &&
+        !(dtype == at::kBFloat16 && __builtin_cpu_supports("avx512bf16")))
+      return false;
     constexpr int64_t m = 3, n = 40, depth = 6;
     const at::Tensor a = (at::arange(m * depth).view({m, depth}).remainder(5) - 2).to(dtype);
     const at::Tensor b_rows = (at::arange(n * depth).view({n, depth}).remainder(7) - 3).to(dtype);
     at::Tensor b = at::empty({depth, n}, b_rows.options());
     at::Tensor out = at::empty({m, n}, at::kFloat);
     try {
-      pack_b(b_rows, layout, b);
-      brgemm_fp32(dtype, m, n, depth, a.const_data_ptr(), depth, b.const_data_ptr(), layout,
+      pack_b(b_rows, b);
+      brgemm_fp32(dtype, m, n, depth, a.const_data_ptr(), depth, b.const_data_ptr(),
                   out.data_ptr<float>(), false);
       at::native::cpublas::brgemm_release();
     } catch (const std::exception&) {
@@ -157,20 +150,27 @@ BLayout brgemm_layout(at::ScalarType dtype) {
     }
     return at::equal(out, at::mm(a.to(at::kFloat), b_rows.to(at::kFloat).t()));
   };
-  const auto check = [&](at::ScalarType dtype) {
-    if (std::strcmp(row_kernels().level, "AVX512") != 0) return BLayout::kNone;  // oneDNN's needs
-    const bool pairs = at::native::cpublas::could_pack(dtype) ||
-                       (dtype == at::kBFloat16 && __builtin_cpu_supports("avx512bf16"));
-    if (pairs && exact(dtype, BLayout::kPairs)) return BLayout::kPairs;
-    const bool plain = dtype == at::kHalf && __builtin_cpu_supports("avx512fp16");
-    if (plain && exact(dtype, BLayout::kPlain)) return BLayout::kPlain;
-    return BLayout::kNone;
-  };
-  static const BLayout bf16 = check(at::kBFloat16), fp16 = check(at::kHalf);
-  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : BLayout::kNone;
+  static const bool bf16 = check(at::kBFloat16), fp16 = check(at::kHalf);
+  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf && fp16;
 #else
   (void)dtype;
-  return BLayout::kNone;
+  return false;
+#endif
+}
+
+// fp16 where brgemm multiplies bf16 on AMX but not fp16 (Sapphire and Emerald Rapids: no
+// AMX-FP16): each half is split into bf16 hi + lo (split_half, exact), so x . y is the sum of four
+// bf16 products (hi.hi, hi.lo, lo.hi, lo.lo), every term exact in fp32. On AMX that beats fp32
+// FMAs on widened halves, which is what oneDNN's fp16 brgemm does on AVX512-FP16: Sapphire
+// Rapids, 2 threads, TinyLlama-like N = 1 took 0.7-0.8x torch's fp16 GEMM split, 1.5x through
+// that brgemm.
+bool splits_halves() {
+#if defined(SLED_X86_LEVELS)
+  static const bool split = !brgemm_multiplies(at::kHalf) && brgemm_multiplies(at::kBFloat16) &&
+                            at::native::cpublas::could_pack(at::kBFloat16);
+  return split;
+#else
+  return false;
 #endif
 }
 
@@ -192,8 +192,10 @@ constexpr int64_t kPanelBytesInPlace = 4 << 20, kPanelBytesBuffered = 1 << 20;
 constexpr int64_t kMinGroupColumns = 512;
 // A chunk's tokens are carried as floats in the vector lanes (row_kernels.h): at most 2^24.
 constexpr int64_t kMaxChunkTokens = int64_t{1} << 24;
-// brgemm's B columns come in blocks of 16 (an AMX tile): packed hidden rows are padded to it.
-constexpr int64_t kBrgemmBlock = 16;
+// Packed hidden rows are padded to a multiple of two AMX tiles of brgemm's B (16 columns each):
+// with one, each tile of weight rows loaded served a single product, and R = 8, N = 1 in bf16
+// took 1.8x torch's bf16 GEMM instead of 0.9x (Sapphire Rapids, one thread).
+constexpr int64_t kBrgemmBlock = 32;
 // Packed hidden rows are multiplied a block of depth at a time, small enough to stay in cache
 // while the weight tile streams past it; the products accumulate over the blocks. Up to twice
 // the block they run whole: so few rows are bound by streaming the weight, which more passes over
@@ -233,41 +235,49 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 //    back (rows * tile words per tile instead of H / 2 * tile). On Sapphire Rapids (AMX, one
 //    thread) packing the hidden rows made R = 17-23, N = 1 0.9x torch's bf16 GEMM instead of 2x;
 //  - many rows (scoring): each weight tile is packed once and serves every group.
+// fp16 split into bf16 parts (splits_halves) multiplies every part of A by every part of B.
 struct Projection {
   Source source;
   int64_t group;   // positions per product
   int64_t groups;  // products per tile: ceil(N / group), 0 for an empty batch
   int64_t depth;   // H, rounded up to even for brgemm (zero-padded)
   int64_t tile;    // weight rows per tile
-  BLayout layout = BLayout::kNone;
+  at::ScalarType operand = at::kFloat;  // what the products multiply: fp32, bf16 or fp16
+  int64_t parts = 1;                    // operands per matrix: 2 for fp16 split into bf16
   bool packs_hidden = false;
   int64_t columns = 0;      // packed hidden rows per group (a multiple of kBrgemmBlock)
   int64_t depth_block = 0;  // depth per product of packed hidden rows (the last block less)
 
   explicit Projection(const Problem& p) {
     const int64_t R = p.num_rows, N = p.positions, H = p.rows.size(2);
+    const at::ScalarType dtype = p.projects() ? p.weight.scalar_type() : at::kFloat;
     if (!p.projects()) {
       source = Source::kLogits;
-    } else if (p.weight.scalar_type() == at::kFloat) {
+    } else if (dtype == at::kFloat) {
       source = p.weight.stride(1) == 1 ? Source::kFloat : Source::kWidened;
     } else {
-      layout = brgemm_layout(p.weight.scalar_type());
-      const int64_t all_columns = round_up(N * R, kBrgemmBlock);
-      packs_hidden = all_columns * 2 <= H + H % 2 && all_columns <= kMaxPackedColumns;
-      // The plain layout serves only the orientation that packs the (few) hidden rows; oneDNN
-      // refuses an empty depth (sgemm gives the zero product).
-      const bool usable = H > 0 && (layout == BLayout::kPairs ||
-                                    (layout == BLayout::kPlain && packs_hidden));
-      source = usable ? Source::kPacked : Source::kWidened;
+      // A non-finite value times a part that is zero gives NaN where the product is +-inf (which
+      // softcap maps to a number): hidden rows holding one are widened instead.
+      const bool split =
+          dtype == at::kHalf && splits_halves() && at::isfinite(p.rows).all().item<bool>();
+      // oneDNN refuses an empty depth (sgemm gives the zero product).
+      source = H > 0 && (split || brgemm_multiplies(dtype)) ? Source::kPacked : Source::kWidened;
+      if (source == Source::kPacked) {
+        operand = split ? at::kBFloat16 : dtype;
+        parts = split ? 2 : 1;
+        const int64_t all_columns = round_up(N * R, kBrgemmBlock);
+        packs_hidden = all_columns * 2 <= H + H % 2 && all_columns <= kMaxPackedColumns;
+      }
     }
-    packs_hidden = packs_hidden && source == Source::kPacked;
     group = packs_hidden ? N : std::min(N, group_positions(R, N));
     const int64_t rows = group * R;
     columns = round_up(rows, kBrgemmBlock);
     groups = group > 0 ? (N + group - 1) / group : 0;
     depth = source == Source::kPacked ? H + H % 2 : H;
+    // Bytes of one weight row's operands, and whether a thread writes them into a buffer.
+    const int64_t row_bytes = parts * depth * at::elementSize(operand);
     if (packs_hidden) {
-      const int64_t block_bytes = columns * depth * p.weight.element_size();
+      const int64_t block_bytes = columns * row_bytes;
       const int64_t blocks = block_bytes <= 2 * kHiddenBlockBytes
                                  ? 1
                                  : (block_bytes + kHiddenBlockBytes - 1) / kHiddenBlockBytes;
@@ -279,42 +289,56 @@ struct Projection {
         break;
       case Source::kFloat:
       case Source::kWidened:
-        tile = tile_columns(rows, H * 4, source == Source::kWidened);
+        tile = tile_columns(rows, row_bytes, source == Source::kWidened);
         break;
       case Source::kPacked:
-        tile = packs_hidden ? tile_columns(columns, depth * p.weight.element_size(), false)
-                            : tile_columns(rows, depth * p.weight.element_size(), true);
+        tile = packs_hidden ? tile_columns(columns, row_bytes, parts > 1)
+                            : tile_columns(rows, row_bytes, true);
         break;
     }
   }
 };
 
+// Writes `rows` [n, H] into the first n rows of `out` [parts, rows, depth >= H] as the products
+// read them: converted to out's dtype, or split into bf16 hi and lo parts (splits_halves). The
+// depth padding is left as it is (zero). False when a split met a NaN or an infinity.
+bool write_operands(const at::Tensor& rows, at::Tensor& out) {
+  const int64_t n = rows.size(0), H = rows.size(1);
+  if (out.size(0) == 1) {
+    out[0].narrow(0, 0, n).narrow(1, 0, H).copy_(rows);
+    return true;
+  }
+  const at::Tensor x = rows.stride(1) == 1 ? rows : rows.contiguous();
+  const c10::Half* src = x.const_data_ptr<c10::Half>();
+  c10::BFloat16* hi = out.data_ptr<c10::BFloat16>();
+  c10::BFloat16* lo = hi + out.stride(0);
+  return row_kernels().split_half(src, x.stride(0), n, H, hi, lo, out.stride(1));
+}
+
 // The hidden rows as the products read them, position-major (row r of position n at n * R + r)
 // so that a group of positions is a block of consecutive rows: [M, H] fp32 for sgemm; for brgemm
-// [M, depth] in the input dtype, or, when they are the packed operand, each group's rows padded
-// to `columns` and packed as B: [groups, depth / 2, columns, 2] in pairs, [groups, depth, columns]
-// plain.
+// [parts, M, depth], or, when they are the packed operand, each group's rows padded to `columns`
+// and packed as B: [groups, parts, depth / 2, columns, 2].
 at::Tensor hidden_rows(const Problem& p, const Projection& how) {
   if (how.source == Source::kLogits) return at::Tensor();
   const int64_t R = p.num_rows, N = p.positions, M = R * N, H = p.rows.size(2);
   const at::Tensor rows = p.rows.transpose(0, 1).reshape({M, H});
   if (how.source != Source::kPacked) return rows.to(at::kFloat).contiguous();
-  if (!how.packs_hidden) {
-    if (how.depth == H) return rows.contiguous();
-    at::Tensor padded = at::zeros({M, how.depth}, rows.options());
-    padded.narrow(1, 0, H).copy_(rows);
-    return padded;
-  }
-  at::Tensor padded = at::zeros({how.columns, how.depth}, rows.options());
-  const int64_t per_row = how.layout == BLayout::kPairs ? 2 : 1;
+  const auto options = rows.options().dtype(how.operand);
+  at::Tensor operands = at::zeros({how.parts, M, how.depth}, options);
+  write_operands(rows, operands);
+  if (!how.packs_hidden) return operands;
+  at::Tensor padded = at::zeros({how.columns, how.depth}, options);
   at::Tensor packed =
-      at::empty({how.groups, how.depth / per_row, how.columns, per_row}, rows.options());
+      at::empty({how.groups, how.parts, how.depth / 2, how.columns, 2}, options);
   for (int64_t i = 0; i < how.groups; ++i) {
     const int64_t first = i * how.group * R, count = std::min(how.group * R, M - first);
-    padded.narrow(0, 0, count).narrow(1, 0, H).copy_(rows.narrow(0, first, count));
-    if (count < how.columns) padded.narrow(0, count, how.columns - count).zero_();
-    at::Tensor out = packed[i];
-    pack_b(padded, how.layout, out);
+    for (int64_t part = 0; part < how.parts; ++part) {
+      padded.narrow(0, 0, count).copy_(operands[part].narrow(0, first, count));
+      if (count < how.columns) padded.narrow(0, count, how.columns - count).zero_();
+      at::Tensor out = packed[i][part];
+      pack_b(padded, out);
+    }
   }
   return packed;
 }
@@ -326,19 +350,21 @@ class TileProjector {
   TileProjector(const Problem& p, const Projection& how, const at::Tensor& hidden)
       : p_(p), how_(how), hidden_(hidden) {
     const int64_t tile = how.tile, H = p.rows.size(2);
+    const auto options = p.rows.options().dtype(how.operand);
     switch (how.source) {
       case Source::kWidened:
-        weight_rows_ = at::empty({tile, H}, at::kFloat);
+        weight_rows_ = at::empty({1, tile, H}, options);
         break;
       case Source::kPacked:
-        // The weight rows are read in place unless their depth must be padded or their stride
-        // does not allow it.
-        if (how.depth != H || p.weight.stride(1) != 1 || p.weight.stride(0) % 2 != 0)
-          weight_rows_ = at::zeros({tile, how.depth}, p.weight.options());
+        // The weight rows are read in place unless they are split, their depth must be padded
+        // or their stride does not allow it.
+        if (how.parts > 1 || how.depth != H || p.weight.stride(1) != 1 ||
+            p.weight.stride(0) % 2 != 0)
+          weight_rows_ = at::zeros({how.parts, tile, how.depth}, options);
         if (how.packs_hidden)
           transposed_ = at::empty({tile, how.columns}, at::kFloat);
         else
-          packed_weight_ = at::empty({how.depth * tile}, p.weight.options());
+          packed_weight_ = at::empty({how.parts, how.depth * tile}, options);
         break;
       case Source::kLogits:
       case Source::kFloat:
@@ -359,14 +385,17 @@ class TileProjector {
     if (how_.source == Source::kLogits) return;
     const at::Tensor w = p_.weight.narrow(0, v0, cols);
     if (weight_rows_.defined()) {
-      weight_ = weight_rows_.narrow(0, 0, cols);
-      weight_.narrow(1, 0, w.size(1)).copy_(w);
+      finite_split_ = write_operands(w, weight_rows_);
+      tile_ = finite_split_ ? at::Tensor() : w;
+      weight_ = weight_rows_.narrow(1, 0, cols);
     } else {
-      weight_ = w;
+      weight_ = w.unsqueeze(0);
     }
-    if (how_.source == Source::kPacked && !how_.packs_hidden) {
-      tile_pairs_ = packed_weight_.narrow(0, 0, how_.depth * cols).view({how_.depth / 2, cols, 2});
-      pack_b(weight_, how_.layout, tile_pairs_);
+    if (how_.source == Source::kPacked && !how_.packs_hidden && finite_split_) {
+      for (int64_t part = 0; part < how_.parts; ++part) {
+        at::Tensor out = packed_weight_[part].narrow(0, 0, how_.depth * cols);
+        pack_b(weight_[part], out);
+      }
     }
   }
 
@@ -382,40 +411,67 @@ class TileProjector {
       }
       case Source::kFloat:
       case Source::kWidened:
-        at::mm_out(logits, hidden_.narrow(0, row0, rows), weight_.t());
+        at::mm_out(logits, hidden_.narrow(0, row0, rows), weight_[0].t());
         break;
-      case Source::kPacked: {
-        const at::ScalarType dtype = p_.weight.scalar_type();
-        if (how_.packs_hidden) {
-          float* transposed = transposed_.data_ptr<float>();
-          const at::Tensor packed = hidden_[group];
-          const int64_t columns = how_.columns, element = packed.element_size();
-          for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
-            // Depth k0 starts at weight column k0 and at packed hidden element k0 * columns.
-            const int64_t block = std::min(how_.depth_block, how_.depth - k0);
-            brgemm_fp32(dtype, cols_, columns, block,
-                        static_cast<const char*>(weight_.const_data_ptr()) + k0 * element,
-                        weight_.stride(0),
-                        static_cast<const char*>(packed.const_data_ptr()) + k0 * columns * element,
-                        how_.layout, transposed, k0 > 0);
-          }
-          row_kernels().transpose(transposed, columns, out, cols_, cols_, rows);
-        } else {
-          const at::Tensor hidden = hidden_.narrow(0, row0, rows);
-          brgemm_fp32(dtype, rows, cols_, how_.depth, hidden.const_data_ptr(), hidden.stride(0),
-                      tile_pairs_.const_data_ptr(), how_.layout, out, false);
-        }
+      case Source::kPacked:
+        if (!finite_split_)  // widened, as in write_operands
+          at::mm_out(logits, hidden_f32(row0, rows), tile_.to(at::kFloat).t());
+        else if (how_.packs_hidden)
+          project_onto_packed_hidden(group, rows, out);
+        else
+          project_onto_packed_tile(row0, rows, out);
         break;
-      }
     }
   }
 
  private:
+  // Operand `part` of a [parts, rows, depth] tensor, from depth k0 on.
+  static const char* operand(const at::Tensor& t, int64_t part, int64_t k0) {
+    return static_cast<const char*>(t.const_data_ptr()) +
+           (part * t.stride(0) + k0) * t.element_size();
+  }
+
+  // Rows [row0, row0 + rows) of the position-major hidden rows in fp32.
+  at::Tensor hidden_f32(int64_t row0, int64_t rows) const {
+    const int64_t R = p_.num_rows;
+    return p_.rows.narrow(1, row0 / R, rows / R).transpose(0, 1).reshape({rows, -1})
+        .to(at::kFloat);
+  }
+
+  // The weight tile is A, read in place (or from its buffer) a depth block at a time; the
+  // product [tile, columns] is turned back into [rows, tile].
+  void project_onto_packed_hidden(int64_t group, int64_t rows, float* out) const {
+    float* transposed = transposed_.data_ptr<float>();
+    const at::Tensor packed = hidden_[group];  // [parts, depth / 2, columns, 2]
+    const int64_t columns = how_.columns;
+    for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
+      const int64_t block = std::min(how_.depth_block, how_.depth - k0);
+      for (int64_t a = 0; a < how_.parts; ++a)
+        for (int64_t b = 0; b < how_.parts; ++b)  // depth k0 of B starts at element k0 * columns
+          brgemm_fp32(how_.operand, cols_, columns, block, operand(weight_, a, k0),
+                      weight_.stride(1), operand(packed, b, k0 * columns), transposed,
+                      k0 > 0 || a > 0 || b > 0);
+    }
+    row_kernels().transpose(transposed, columns, out, cols_, cols_, rows);
+  }
+
+  // The hidden rows are A, read in place; the tile was packed by load_tile.
+  void project_onto_packed_tile(int64_t row0, int64_t rows, float* out) const {
+    for (int64_t a = 0; a < how_.parts; ++a)
+      for (int64_t b = 0; b < how_.parts; ++b)
+        brgemm_fp32(how_.operand, rows, cols_, how_.depth,
+                    operand(hidden_, a, row0 * hidden_.stride(1)), hidden_.stride(1),
+                    operand(packed_weight_, b, 0), out, a > 0 || b > 0);
+  }
+
   const Problem& p_;
   const Projection& how_;
   at::Tensor hidden_;
   at::Tensor weight_rows_, packed_weight_, transposed_;  // this thread's buffers
-  at::Tensor weight_, tile_pairs_;                       // the current tile
+  at::Tensor weight_;                                    // the current tile: [parts, cols, depth]
+  // False for a tile whose split met a NaN or an infinity: it is widened from `tile_` instead.
+  bool finite_split_ = true;
+  at::Tensor tile_;
   int64_t v0_ = 0, cols_ = 0;
 };
 
@@ -582,15 +638,13 @@ void evolve(const RowKernels& kernels, float* x_k, const int64_t* tokens, const 
 }  // namespace
 
 std::string cpu_kernels(at::ScalarType dtype) {
-  const char* widened = "widened to float32, sgemm";
-  const char* projection = dtype == at::kFloat ? "sgemm" : widened;
-  if (dtype != at::kFloat) {
-    switch (brgemm_layout(dtype)) {
-      case BLayout::kPairs: projection = "brgemm"; break;
-      case BLayout::kPlain: projection = "brgemm for few rows, else widened to float32, sgemm"; break;
-      case BLayout::kNone: break;
-    }
-  }
+  const char* projection = "widened to float32, sgemm";
+  if (dtype == at::kFloat)
+    projection = "sgemm";
+  else if (brgemm_multiplies(dtype))
+    projection = "brgemm";
+  else if (dtype == at::kHalf && splits_halves())
+    projection = "brgemm, split into bfloat16 hi + lo";
   return std::string(row_kernels().level) + "; " + projection;
 }
 
