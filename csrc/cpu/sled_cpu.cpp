@@ -192,10 +192,10 @@ constexpr int64_t kPanelBytesInPlace = 4 << 20, kPanelBytesBuffered = 1 << 20;
 constexpr int64_t kMinGroupColumns = 512;
 // A chunk's tokens are carried as floats in the vector lanes (row_kernels.h): at most 2^24.
 constexpr int64_t kMaxChunkTokens = int64_t{1} << 24;
-// Packed hidden rows are padded to a multiple of two AMX tiles of brgemm's B (16 columns each):
-// with one, each tile of weight rows loaded served a single product, and R = 8, N = 1 in bf16
-// took 1.8x torch's bf16 GEMM instead of 0.9x (Sapphire Rapids, one thread).
-constexpr int64_t kBrgemmBlock = 32;
+// Packed hidden rows are padded to a multiple of an AMX tile of brgemm's B (16 columns), and to
+// two tiles at least: with one, each tile of weight rows loaded served a single product, and
+// R = 8, N = 1 in bf16 took 1.8x torch's bf16 GEMM instead of 0.9x (Sapphire Rapids, one thread).
+constexpr int64_t kBrgemmBlock = 16;
 // Packed hidden rows are multiplied a block of depth at a time, small enough to stay in cache
 // while the weight tile streams past it; the products accumulate over the blocks. Up to twice
 // the block they run whole: so few rows are bound by streaming the weight, which more passes over
@@ -207,6 +207,10 @@ constexpr int64_t kHiddenBlockBytes = 256 * 1024, kDepthStep = 32;
 constexpr int64_t kMaxPackedColumns = kLogitsBudget / 128;
 
 int64_t round_up(int64_t x, int64_t step) { return (x + step - 1) / step * step; }
+
+int64_t packed_columns(int64_t rows) {
+  return round_up(std::max(rows, 2 * kBrgemmBlock), kBrgemmBlock);
+}
 
 // Positions per group: all of them when their rows leave tiles wide enough, else as many as do.
 // Equal groups, so no group is a narrow remainder.
@@ -235,7 +239,10 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 //    back (rows * tile words per tile instead of H / 2 * tile). On Sapphire Rapids (AMX, one
 //    thread) packing the hidden rows made R = 17-23, N = 1 0.9x torch's bf16 GEMM instead of 2x;
 //  - many rows (scoring): each weight tile is packed once and serves every group.
-// fp16 split into bf16 parts (splits_halves) multiplies every part of A by every part of B.
+// fp16 split into bf16 parts (splits_halves) multiplies every part of A by every part of B. Packed
+// hidden rows hold their parts side by side as columns, so that one product per part of the
+// weight serves both and less padding is multiplied (R = 33: 80 columns instead of 2 x 48); the
+// two halves of its result are then added.
 struct Projection {
   Source source;
   int64_t group;   // positions per product
@@ -245,7 +252,7 @@ struct Projection {
   at::ScalarType operand = at::kFloat;  // what the products multiply: fp32, bf16 or fp16
   int64_t parts = 1;                    // operands per matrix: 2 for fp16 split into bf16
   bool packs_hidden = false;
-  int64_t columns = 0;      // packed hidden rows per group (a multiple of kBrgemmBlock)
+  int64_t columns = 0;      // packed hidden rows per group, every part's (see packed_columns)
   int64_t depth_block = 0;  // depth per product of packed hidden rows (the last block less)
 
   explicit Projection(const Problem& p) {
@@ -265,19 +272,19 @@ struct Projection {
       if (source == Source::kPacked) {
         operand = split ? at::kBFloat16 : dtype;
         parts = split ? 2 : 1;
-        const int64_t all_columns = round_up(N * R, kBrgemmBlock);
+        const int64_t all_columns = packed_columns(parts * N * R);
         packs_hidden = all_columns * 2 <= H + H % 2 && all_columns <= kMaxPackedColumns;
       }
     }
     group = packs_hidden ? N : std::min(N, group_positions(R, N));
     const int64_t rows = group * R;
-    columns = round_up(rows, kBrgemmBlock);
+    columns = packed_columns(parts * rows);
     groups = group > 0 ? (N + group - 1) / group : 0;
     depth = source == Source::kPacked ? H + H % 2 : H;
     // Bytes of one weight row's operands, and whether a thread writes them into a buffer.
     const int64_t row_bytes = parts * depth * at::elementSize(operand);
     if (packs_hidden) {
-      const int64_t block_bytes = columns * row_bytes;
+      const int64_t block_bytes = columns * depth * at::elementSize(operand);
       const int64_t blocks = block_bytes <= 2 * kHiddenBlockBytes
                                  ? 1
                                  : (block_bytes + kHiddenBlockBytes - 1) / kHiddenBlockBytes;
@@ -317,8 +324,8 @@ bool write_operands(const at::Tensor& rows, at::Tensor& out) {
 
 // The hidden rows as the products read them, position-major (row r of position n at n * R + r)
 // so that a group of positions is a block of consecutive rows: [M, H] fp32 for sgemm; for brgemm
-// [parts, M, depth], or, when they are the packed operand, each group's rows padded to `columns`
-// and packed as B: [groups, parts, depth / 2, columns, 2].
+// [parts, M, depth], or, when they are the packed operand, each group's rows packed as B,
+// [groups, depth / 2, columns, 2]: part p's rows from column p * group * R, zero-padded.
 at::Tensor hidden_rows(const Problem& p, const Projection& how) {
   if (how.source == Source::kLogits) return at::Tensor();
   const int64_t R = p.num_rows, N = p.positions, M = R * N, H = p.rows.size(2);
@@ -328,17 +335,16 @@ at::Tensor hidden_rows(const Problem& p, const Projection& how) {
   at::Tensor operands = at::zeros({how.parts, M, how.depth}, options);
   write_operands(rows, operands);
   if (!how.packs_hidden) return operands;
-  at::Tensor padded = at::zeros({how.columns, how.depth}, options);
-  at::Tensor packed =
-      at::empty({how.groups, how.parts, how.depth / 2, how.columns, 2}, options);
+  at::Tensor padded = at::empty({how.columns, how.depth}, options);
+  at::Tensor packed = at::empty({how.groups, how.depth / 2, how.columns, 2}, options);
   for (int64_t i = 0; i < how.groups; ++i) {
     const int64_t first = i * how.group * R, count = std::min(how.group * R, M - first);
-    for (int64_t part = 0; part < how.parts; ++part) {
-      padded.narrow(0, 0, count).copy_(operands[part].narrow(0, first, count));
-      if (count < how.columns) padded.narrow(0, count, how.columns - count).zero_();
-      at::Tensor out = packed[i][part];
-      pack_b(padded, out);
-    }
+    padded.zero_();
+    for (int64_t part = 0; part < how.parts; ++part)
+      padded.narrow(0, part * how.group * R, count)
+          .copy_(operands[part].narrow(0, first, count));
+    at::Tensor out = packed[i];
+    pack_b(padded, out);
   }
   return packed;
 }
@@ -439,18 +445,24 @@ class TileProjector {
   }
 
   // The weight tile is A, read in place (or from its buffer) a depth block at a time; the
-  // product [tile, columns] is turned back into [rows, tile].
+  // product [tile, columns] is turned back into [rows, tile] (its parts' columns added first).
   void project_onto_packed_hidden(int64_t group, int64_t rows, float* out) const {
     float* transposed = transposed_.data_ptr<float>();
-    const at::Tensor packed = hidden_[group];  // [parts, depth / 2, columns, 2]
+    const at::Tensor packed = hidden_[group];  // [depth / 2, columns, 2]
     const int64_t columns = how_.columns;
     for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
       const int64_t block = std::min(how_.depth_block, how_.depth - k0);
-      for (int64_t a = 0; a < how_.parts; ++a)
-        for (int64_t b = 0; b < how_.parts; ++b)  // depth k0 of B starts at element k0 * columns
-          brgemm_fp32(how_.operand, cols_, columns, block, operand(weight_, a, k0),
-                      weight_.stride(1), operand(packed, b, k0 * columns), transposed,
-                      k0 > 0 || a > 0 || b > 0);
+      for (int64_t a = 0; a < how_.parts; ++a)  // depth k0 of B starts at element k0 * columns
+        brgemm_fp32(how_.operand, cols_, columns, block, operand(weight_, a, k0),
+                    weight_.stride(1), operand(packed, 0, k0 * columns), transposed,
+                    k0 > 0 || a > 0);
+    }
+    const int64_t part_offset = how_.group * p_.num_rows;
+    for (int64_t part = 1; part < how_.parts; ++part) {
+      for (int64_t j = 0; j < cols_; ++j) {
+        float* row = transposed + j * columns;
+        for (int64_t m = 0; m < rows; ++m) row[m] += row[part * part_offset + m];
+      }
     }
     row_kernels().transpose(transposed, columns, out, cols_, cols_, rows);
   }
