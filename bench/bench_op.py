@@ -221,6 +221,9 @@ def cpuinfo(field):
         return None
 
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_info(device):
     info = dict(cpu=cpuinfo("model name") or platform.processor(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
@@ -238,6 +241,8 @@ def machine_info(device):
         info["sled_cpu_kernels"] = sled_ext.cpu_kernels()
         info["cpu_flags"] = sorted(flag for flag in (cpuinfo("flags") or "").split()
                                    if flag.startswith(("avx", "amx", "fma")))
+        # Settings that cap the ISA torch, oneDNN or MKL use below what the flags offer.
+        info["isa_caps"] = {name: os.environ[name] for name in ISA_CAPS if name in os.environ}
     return info
 
 
@@ -405,7 +410,10 @@ def main(argv=None):
           + (f", {machine['gpu']}" if "gpu" in machine else ""))
     if "sled_cpu_kernels" in machine:
         kernels = machine["sled_cpu_kernels"]
-        print(f"CPU flags: {' '.join(machine['cpu_flags'])}\nsled CPU kernels: {kernels['level']} "
+        caps = " ".join(f"{name}={value}" for name, value in machine["isa_caps"].items())
+        print(f"CPU flags: {' '.join(machine['cpu_flags'])}"
+              + (f"\nISA capped (emulating a smaller CPU on this one): {caps}" if caps else "")
+              + f"\nsled CPU kernels: {kernels['level']} "
               "vector loops; projection " + ", ".join(
                   f"{dtype} {how}" for dtype, how in kernels.items() if dtype != "level"))
     with torch.inference_mode():
