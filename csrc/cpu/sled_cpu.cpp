@@ -162,8 +162,8 @@ bool brgemm_multiplies(at::ScalarType dtype) {
 // AMX-FP16): each half is split into bf16 hi + lo (split_half, exact), so x . y is the sum of four
 // bf16 products (hi.hi, hi.lo, lo.hi, lo.lo), every term exact in fp32. On AMX that beats fp32
 // FMAs on widened halves, which is what oneDNN's fp16 brgemm does on AVX512-FP16: Sapphire
-// Rapids, 2 threads, TinyLlama-like N = 1 took 0.7-0.8x torch's fp16 GEMM split, 1.5x through
-// that brgemm.
+// Rapids, 2 threads, the README's shapes took 0.74-1.15x torch's fp16 GEMM split, 1.04-1.71x
+// through that brgemm.
 bool splits_halves() {
 #if defined(SLED_X86_LEVELS)
   static const bool split = !brgemm_multiplies(at::kHalf) && brgemm_multiplies(at::kBFloat16) &&
@@ -281,7 +281,7 @@ struct Projection {
     columns = packed_columns(parts * rows);
     groups = group > 0 ? (N + group - 1) / group : 0;
     depth = source == Source::kPacked ? H + H % 2 : H;
-    // Bytes of one weight row's operands, and whether a thread writes them into a buffer.
+    // Bytes of one weight row's operands.
     const int64_t row_bytes = parts * depth * at::elementSize(operand);
     if (packs_hidden) {
       const int64_t block_bytes = columns * depth * at::elementSize(operand);
@@ -431,8 +431,8 @@ class TileProjector {
   }
 
  private:
-  // Operand `part` of a [parts, rows, depth] tensor, from depth k0 on.
-  static const char* operand(const at::Tensor& t, int64_t part, int64_t k0) {
+  // Part `part` of a [parts, rows, depth] tensor, from depth k0 on.
+  static const char* part_from(const at::Tensor& t, int64_t part, int64_t k0) {
     return static_cast<const char*>(t.const_data_ptr()) +
            (part * t.stride(0) + k0) * t.element_size();
   }
@@ -453,8 +453,8 @@ class TileProjector {
     for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
       const int64_t block = std::min(how_.depth_block, how_.depth - k0);
       for (int64_t a = 0; a < how_.parts; ++a)  // depth k0 of B starts at element k0 * columns
-        brgemm_fp32(how_.operand, cols_, columns, block, operand(weight_, a, k0),
-                    weight_.stride(1), operand(packed, 0, k0 * columns), transposed,
+        brgemm_fp32(how_.operand, cols_, columns, block, part_from(weight_, a, k0),
+                    weight_.stride(1), part_from(packed, 0, k0 * columns), transposed,
                     k0 > 0 || a > 0);
     }
     const int64_t part_offset = how_.group * p_.num_rows;
@@ -472,8 +472,8 @@ class TileProjector {
     for (int64_t a = 0; a < how_.parts; ++a)
       for (int64_t b = 0; b < how_.parts; ++b)
         brgemm_fp32(how_.operand, rows, cols_, how_.depth,
-                    operand(hidden_, a, row0 * hidden_.stride(1)), hidden_.stride(1),
-                    operand(packed_weight_, b, 0), out, a > 0 || b > 0);
+                    part_from(hidden_, a, row0 * hidden_.stride(1)), hidden_.stride(1),
+                    part_from(packed_weight_, b, 0), out, a > 0 || b > 0);
   }
 
   const Problem& p_;
