@@ -165,13 +165,9 @@ bool brgemm_multiplies(at::ScalarType dtype) {
 // Rapids, 2 threads, the README's shapes took 0.74-1.15x torch's fp16 GEMM split, 1.04-1.71x
 // through that brgemm.
 bool splits_halves() {
-#if defined(SLED_X86_LEVELS)
   static const bool split = !brgemm_multiplies(at::kHalf) && brgemm_multiplies(at::kBFloat16) &&
                             at::native::cpublas::could_pack(at::kBFloat16);
   return split;
-#else
-  return false;
-#endif
 }
 
 // How the logits of a tile come about: copied from the logits input, or a product of the hidden
@@ -322,14 +318,19 @@ bool write_operands(const at::Tensor& rows, at::Tensor& out) {
   return row_kernels().split_half(src, x.stride(0), n, H, hi, lo, out.stride(1));
 }
 
-// The hidden rows as the products read them, position-major (row r of position n at n * R + r)
-// so that a group of positions is a block of consecutive rows: [M, H] fp32 for sgemm; for brgemm
+// The hidden rows [M, H] position-major (row r of position n at n * R + r), so that a group of
+// positions is a block of consecutive rows.
+at::Tensor position_major(const Problem& p) {
+  return p.rows.transpose(0, 1).reshape({p.num_rows * p.positions, p.rows.size(2)});
+}
+
+// The hidden rows as the products read them, position-major: [M, H] fp32 for sgemm; for brgemm
 // [parts, M, depth], or, when they are the packed operand, each group's rows packed as B,
 // [groups, depth / 2, columns, 2]: part p's rows from column p * group * R, zero-padded.
 at::Tensor hidden_rows(const Problem& p, const Projection& how) {
   if (how.source == Source::kLogits) return at::Tensor();
-  const int64_t R = p.num_rows, N = p.positions, M = R * N, H = p.rows.size(2);
-  const at::Tensor rows = p.rows.transpose(0, 1).reshape({M, H});
+  const int64_t R = p.num_rows, M = R * p.positions;
+  const at::Tensor rows = position_major(p);
   if (how.source != Source::kPacked) return rows.to(at::kFloat).contiguous();
   const auto options = rows.options().dtype(how.operand);
   at::Tensor operands = at::zeros({how.parts, M, how.depth}, options);
@@ -392,7 +393,10 @@ class TileProjector {
     const at::Tensor w = p_.weight.narrow(0, v0, cols);
     if (weight_rows_.defined()) {
       finite_split_ = write_operands(w, weight_rows_);
-      tile_ = finite_split_ ? at::Tensor() : w;
+      if (!finite_split_) {  // widened, with the hidden rows (once per thread)
+        widened_tile_ = w.to(at::kFloat);
+        if (!widened_hidden_.defined()) widened_hidden_ = position_major(p_).to(at::kFloat);
+      }
       weight_ = weight_rows_.narrow(1, 0, cols);
     } else {
       weight_ = w.unsqueeze(0);
@@ -420,8 +424,8 @@ class TileProjector {
         at::mm_out(logits, hidden_.narrow(0, row0, rows), weight_[0].t());
         break;
       case Source::kPacked:
-        if (!finite_split_)  // widened, as in write_operands
-          at::mm_out(logits, hidden_f32(row0, rows), tile_.to(at::kFloat).t());
+        if (!finite_split_)
+          at::mm_out(logits, widened_hidden_.narrow(0, row0, rows), widened_tile_.t());
         else if (how_.packs_hidden)
           project_onto_packed_hidden(group, rows, out);
         else
@@ -435,13 +439,6 @@ class TileProjector {
   static const char* part_from(const at::Tensor& t, int64_t part, int64_t k0) {
     return static_cast<const char*>(t.const_data_ptr()) +
            (part * t.stride(0) + k0) * t.element_size();
-  }
-
-  // Rows [row0, row0 + rows) of the position-major hidden rows in fp32.
-  at::Tensor hidden_f32(int64_t row0, int64_t rows) const {
-    const int64_t R = p_.num_rows;
-    return p_.rows.narrow(1, row0 / R, rows / R).transpose(0, 1).reshape({rows, -1})
-        .to(at::kFloat);
   }
 
   // The weight tile is A, read in place (or from its buffer) a depth block at a time; the
@@ -481,9 +478,10 @@ class TileProjector {
   at::Tensor hidden_;
   at::Tensor weight_rows_, packed_weight_, transposed_;  // this thread's buffers
   at::Tensor weight_;                                    // the current tile: [parts, cols, depth]
-  // False for a tile whose split met a NaN or an infinity: it is widened from `tile_` instead.
+  // False for a tile whose split met a NaN or an infinity (write_operands): it is multiplied
+  // widened to fp32 instead.
   bool finite_split_ = true;
-  at::Tensor tile_;
+  at::Tensor widened_tile_, widened_hidden_;
   int64_t v0_ = 0, cols_ = 0;
 };
 
