@@ -82,8 +82,9 @@ def test_only_the_level_copies_hold_vector_extension_code():
 
 # Exactness of the brgemm path in both orientations (few rows: the hidden rows are packed; many
 # rows: the weight tile is), packed hidden rows too wide for one product (R = 9, N = 16, H = 2000:
-# three depth blocks), odd H (padded depth), a strided weight, bias, soft-cap, T = 10, and the
-# two-phase form.
+# three depth blocks), 64 packed rows or more (their products folded a lane per row: R <= 17 finds
+# each lane's final row by a permute, R = 33 by two broadcasts, R = 2 holds 8 positions in a
+# vector), odd H (padded depth), a strided weight, bias, soft-cap, T = 10, and the two-phase form.
 BRGEMM_CHECK = r"""
 import json, math, sys, torch, sled_ext
 from sled_ext import reference as ref
@@ -91,7 +92,8 @@ from tolerance import assert_matches_reference
 torch.manual_seed(0)
 info = sled_ext.cpu_kernels()
 cases = [dict(R=17, N=1, H=256, V=3001), dict(R=9, N=16, H=2000, V=700),
-         dict(R=5, N=40, H=64, V=2000),
+         dict(R=5, N=40, H=64, V=2000), dict(R=17, N=5, H=400, V=1500),
+         dict(R=33, N=3, H=480, V=1200), dict(R=2, N=40, H=353, V=900),
          dict(R=3, N=2, H=33, V=517), dict(R=2, N=7, H=16, V=100)]
 for c in cases:
     for strided in (False, True):
@@ -149,15 +151,16 @@ def test_fp16_takes_amx_where_the_cpu_multiplies_bf16_there():
     assert sled_ext.cpu_kernels()["float16"] == expected
 
 
-@pytest.mark.parametrize("positions", [2, 40], ids=["hidden rows packed", "weight tiles packed"])
-def test_every_half_projects_exactly(positions):
+@pytest.mark.parametrize("positions,H", [(2, 65), (32, 257), (40, 65)],
+                         ids=["hidden rows packed", "folded a lane per row", "weight tiles packed"])
+def test_every_half_projects_exactly(positions, H):
     """A one-hot hidden row projects the weight's column exactly, in every dtype path: here all
     65536 float16 values (infinities and NaNs too), through both orientations of the product and
     the odd depth's last column (a vector loop's tail). Where fp16 is split into bf16 hi + lo (AMX
     without AMX-FP16), a value hi + lo did not rebuild would show (dropping lo alone is off by up
     to 2^-9), and so would an infinity times a zero part (NaN instead of the infinity)."""
     every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    V, H = every.numel(), 65
+    V = every.numel()
     weight = (torch.randn(V, H) / 8).half()
     weight[:, 0], weight[:, H - 1] = every, every.flip(0)
     hidden = torch.zeros(2, positions, H, dtype=torch.float16)

@@ -52,17 +52,22 @@ NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 @st.composite
-def cases(draw, projects, finite=False):
-    R = draw(st.integers(2, 6))
-    N = draw(st.integers(1, 4))
+def cases(draw, projects, finite=False, many_rows=False):
+    """``many_rows``: 64-160 hidden rows and H wide enough that the CPU kernel packs them and folds
+    the products a lane per row (sled_cpu.cpp, kMinColumnFoldRows), with R on both sides of 17,
+    where it changes how a lane finds its final row."""
+    R = draw(st.sampled_from([2, 3, 7, 16, 17, 18, 33]) if many_rows else st.integers(2, 6))
+    N = draw(st.integers(-(-64 // R), 160 // R) if many_rows else st.integers(1, 4))
     V = draw(st.one_of(st.integers(1, 40), st.integers(1, 600)))  # small: SIMD tails
     k = draw(st.one_of(st.integers(1, min(V, 80)), st.just(V)))
     kinds = [kind for kind in (HIDDEN_KINDS if projects else LOGIT_KINDS)
              if not (finite and kind in NON_FINITE)]
     return dict(
-        R=R, N=N, V=V, k=k, H=draw(st.integers(1, 96)) if projects else None,
+        R=R, N=N, V=V, k=k,
+        H=(draw(st.integers(4 * R * N + 32, 4 * R * N + 64) if many_rows else st.integers(1, 96))
+           if projects else None),
         iterations=draw(st.sampled_from([1, 2, 3, 10])),
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=draw(st.sampled_from(DTYPES[1:] if many_rows else DTYPES)),  # fp32: never packed
         bias=projects and draw(st.booleans()),
         logit_scale=draw(st.sampled_from([1.0, 0.5, 1.7])),
         softcap=draw(st.sampled_from([0.0, 10.0, 30.0])),
@@ -208,6 +213,17 @@ def scalars(case):
 @FUZZ
 @given(case=cases(projects=True))
 def test_fuzz_projection_forms(device, case):
+    check_projection_forms(device, case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(FUZZ, max_examples=FUZZ.max_examples // 5)
+@given(case=cases(projects=True, many_rows=True))
+def test_fuzz_projection_forms_with_many_rows(device, case):
+    check_projection_forms(device, case)
+
+
+def check_projection_forms(device, case):
     g = torch.Generator().manual_seed(case["seed"])
     cast = lambda t: None if t is None else laid_out(  # noqa: E731
         t.to(device=device, dtype=case["dtype"]), case["layout"])

@@ -15,7 +15,9 @@ namespace sled {
 
 struct RowKernels {
   const char* level;  // "DEFAULT", "AVX2" or "AVX512"
-  // Floats of one row's vector-lane statistics (RowStatsT over SIMD lanes, kept across tiles).
+  int64_t lanes;  // floats per SIMD vector
+  // Floats of one record of vector-lane statistics (RowStatsT over SIMD lanes, kept across
+  // tiles): one row's, or one per lane (fold_columns).
   int64_t lane_state_floats;
 
   // Sets `rows` rows of lane statistics to empty.
@@ -26,10 +28,14 @@ struct RowKernels {
   // tokens are global (`first_token` is the tile's first one).
   void (*fold_row)(float* lanes, RowStats& stats, const float* z, const float* final_row,
                    int64_t count, int64_t tile_offset, int32_t first_token);
-  // Merges a row's lane statistics into `stats`; `chunk_first_token` is the global id of token 0.
-  void (*merge_lanes)(const float* lanes, RowStats& stats, int32_t chunk_first_token);
-  // z = softcap * tanh(scale * (z + bias) / softcap) in place (bias may be null, softcap 0: off).
-  void (*postprocess)(float* z, int64_t count, const float* bias, float scale, float softcap);
+  // Merges lanes [first_lane, first_lane + lane_count) of lane statistics into `stats`;
+  // `chunk_first_token` is the global id of token 0.
+  void (*merge_lanes)(const float* lanes, int64_t first_lane, int64_t lane_count, RowStats& stats,
+                      int32_t chunk_first_token);
+  // z = softcap * tanh(scale * (z + bias) / softcap) in place: bias per element, or `one_bias`
+  // for all (bias may be null, softcap 0: off).
+  void (*postprocess)(float* z, int64_t count, const float* bias, bool one_bias, float scale,
+                      float softcap);
   // The maximum of x and the sum over j of exp(x_j - max).
   void (*softmax_stats)(const float* x, int64_t count, float& max, float& total);
   // One evolution step on a whole row (SPEC step 5): x -= eta * exp(x - max) / total.
@@ -44,6 +50,13 @@ struct RowKernels {
   // below it): brgemm needs AVX-512.
   bool (*split_half)(const c10::Half* x, int64_t ld_x, int64_t rows, int64_t count,
                      c10::BFloat16* hi, c10::BFloat16* lo, int64_t ld_out);
+  // fold_row over `rows` rows held column-wise (row m's logit of token j at z[j * ld + m], ld a
+  // multiple of the lane count at least rows), one lane per row: lane statistics record m / lanes
+  // holds rows from m rounded down, row m in lane m % lanes. Rows are positions' R rows in order,
+  // each position's last row its final one. Tokens [0, count) in order; the first is
+  // `tile_offset` tokens after the chunk's first (< 2^24). AVX512 only (null below it).
+  void (*fold_columns)(float* lanes, const float* z, int64_t ld, int64_t rows, int64_t R,
+                       int64_t count, int64_t tile_offset);
 };
 
 // The copies that were compiled (row_kernels_simd.cpp) and the one this CPU runs.

@@ -48,12 +48,12 @@ class CandidateHeap {
     carried_.resize(capacity * premature_rows);
   }
 
-  // Offers tokens [0, count) of the tile; premature row r's logit of token j is at
-  // premature[r * row_stride + j].
-  void offer(const float* final_row, const float* premature, int64_t row_stride, int64_t count,
-             int32_t token0) {
+  // Offers tokens [0, count) of the tile; the final row's logit of token j is at
+  // final_row[j * token_stride], premature row r's at premature[r * row_stride + j * token_stride].
+  void offer(const float* final_row, const float* premature, int64_t row_stride,
+             int64_t token_stride, int64_t count, int32_t token0) {
     for (int64_t j = 0; j < count; ++j) {
-      const float v = final_row[j];
+      const float v = final_row[j * token_stride];
       const int32_t token = token0 + static_cast<int32_t>(j);
       int32_t slot;
       if (static_cast<int64_t>(heap_.size()) < capacity_) {
@@ -69,7 +69,8 @@ class CandidateHeap {
       }
       std::push_heap(heap_.begin(), heap_.end(), worse_last);
       float* dst = carried_.data() + static_cast<int64_t>(slot) * premature_rows_;
-      for (int64_t r = 0; r < premature_rows_; ++r) dst[r] = premature[r * row_stride + j];
+      for (int64_t r = 0; r < premature_rows_; ++r)
+        dst[r] = premature[r * row_stride + j * token_stride];
     }
   }
 
@@ -201,6 +202,10 @@ constexpr int64_t kHiddenBlockBytes = 256 * 1024, kDepthStep = 32;
 // Packed hidden rows share each product's logits budget with the tile: past this many columns
 // the tile would be too narrow, and the weight tiles are packed instead.
 constexpr int64_t kMaxPackedColumns = kLogitsBudget / 128;
+// With packed hidden rows the product comes out [tile, rows]. From this many rows it is folded
+// as it is, a lane per row (fold_columns), instead of transposed and folded a lane per token:
+// lanes past the last row idle, so fewer rows would waste more than the transpose costs.
+constexpr int64_t kMinColumnFoldRows = 64;
 
 int64_t round_up(int64_t x, int64_t step) { return (x + step - 1) / step * step; }
 
@@ -248,6 +253,7 @@ struct Projection {
   at::ScalarType operand = at::kFloat;  // what the products multiply: fp32, bf16 or fp16
   int64_t parts = 1;                    // operands per matrix: 2 for fp16 split into bf16
   bool packs_hidden = false;
+  bool folds_columns = false;  // the products' [tile, columns] logits folded as they are
   int64_t columns = 0;      // packed hidden rows per group, every part's (see packed_columns)
   int64_t depth_block = 0;  // depth per product of packed hidden rows (the last block less)
 
@@ -275,6 +281,7 @@ struct Projection {
     group = packs_hidden ? N : std::min(N, group_positions(R, N));
     const int64_t rows = group * R;
     columns = packed_columns(parts * rows);
+    folds_columns = packs_hidden && rows >= kMinColumnFoldRows && row_kernels().fold_columns;
     groups = group > 0 ? (N + group - 1) / group : 0;
     depth = source == Source::kPacked ? H + H % 2 : H;
     // Bytes of one weight row's operands.
@@ -351,7 +358,8 @@ at::Tensor hidden_rows(const Problem& p, const Projection& how) {
 }
 
 // The logits of the tile [v0, v0 + cols) for the rows of one group of positions, written as
-// [rows, cols]. One per thread: it owns the thread's buffers.
+// [rows, cols], or [cols, columns] when they are folded column-wise (Projection::folds_columns).
+// One per thread: it owns the thread's buffers.
 class TileProjector {
  public:
   TileProjector(const Problem& p, const Projection& how, const at::Tensor& hidden)
@@ -368,9 +376,9 @@ class TileProjector {
         if (how.parts > 1 || how.depth != H || p.weight.stride(1) != 1 ||
             p.weight.stride(0) % 2 != 0)
           weight_rows_ = at::zeros({how.parts, tile, how.depth}, options);
-        if (how.packs_hidden)
+        if (how.packs_hidden && !how.folds_columns)
           transposed_ = at::empty({tile, how.columns}, at::kFloat);
-        else
+        else if (!how.packs_hidden)
           packed_weight_ = at::empty({how.parts, how.depth * tile}, options);
         break;
       case Source::kLogits:
@@ -425,7 +433,7 @@ class TileProjector {
         break;
       case Source::kPacked:
         if (!finite_split_)
-          at::mm_out(logits, widened_hidden_.narrow(0, row0, rows), widened_tile_.t());
+          project_widened(row0, rows, logits);
         else if (how_.packs_hidden)
           project_onto_packed_hidden(group, rows, out);
         else
@@ -442,9 +450,10 @@ class TileProjector {
   }
 
   // The weight tile is A, read in place (or from its buffer) a depth block at a time; the
-  // product [tile, columns] is turned back into [rows, tile] (its parts' columns added first).
+  // product [tile, columns] has its parts' columns added, then is turned back into [rows, tile]
+  // unless it is folded as it is.
   void project_onto_packed_hidden(int64_t group, int64_t rows, float* out) const {
-    float* transposed = transposed_.data_ptr<float>();
+    float* transposed = how_.folds_columns ? out : transposed_.data_ptr<float>();
     const at::Tensor packed = hidden_[group];  // [depth / 2, columns, 2]
     const int64_t columns = how_.columns;
     for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
@@ -461,7 +470,19 @@ class TileProjector {
         for (int64_t m = 0; m < rows; ++m) row[m] += row[part * part_offset + m];
       }
     }
-    row_kernels().transpose(transposed, columns, out, cols_, cols_, rows);
+    if (!how_.folds_columns) row_kernels().transpose(transposed, columns, out, cols_, cols_, rows);
+  }
+
+  // A tile the split cannot take (load_tile), widened, in the layout the other products write.
+  void project_widened(int64_t row0, int64_t rows, at::Tensor& logits) const {
+    const at::Tensor hidden = widened_hidden_.narrow(0, row0, rows);
+    if (how_.folds_columns) {
+      at::Tensor columns =
+          at::from_blob(logits.data_ptr(), {cols_, rows}, {how_.columns, 1}, at::kFloat);
+      at::mm_out(columns, widened_tile_, hidden.t());
+    } else {
+      at::mm_out(logits, hidden, widened_tile_.t());
+    }
   }
 
   // The hidden rows are A, read in place; the tile was packed by load_tile.
@@ -493,7 +514,7 @@ class ChunkFolder {
       : p_(p), how_(how), kernels_(row_kernels()), projector_(p, how, hidden),
         bias_(bias.defined() ? bias.data_ptr<float>() : nullptr), vocab_offset_(vocab_offset),
         final_rows_(final_rows.numel() > 0 ? final_rows.data_ptr<float>() : nullptr),
-        logits_(how.group * p.num_rows * how.tile),
+        logits_((how.folds_columns ? how.columns : how.group * p.num_rows) * how.tile),
         lanes_(p.num_rows * p.positions * kernels_.lane_state_floats) {}
 
   // Tiles [first_tile, last_tile) into `result`.
@@ -515,10 +536,18 @@ class ChunkFolder {
       }
     }
     const int32_t chunk_token0 = static_cast<int32_t>(vocab_offset_ + chunk_v0);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t r = 0; r < R; ++r)
-        kernels_.merge_lanes(lanes_.data() + (n * R + r) * kernels_.lane_state_floats,
-                             result.stats[r * N + n], chunk_token0);
+    const int64_t lanes = kernels_.lanes;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t m = n * R + r;
+        if (how_.folds_columns)  // row m in lane m % lanes of record m / lanes
+          kernels_.merge_lanes(lanes_.data() + m / lanes * kernels_.lane_state_floats,
+                               m % lanes, 1, result.stats[r * N + n], chunk_token0);
+        else
+          kernels_.merge_lanes(lanes_.data() + m * kernels_.lane_state_floats, 0, lanes,
+                               result.stats[r * N + n], chunk_token0);
+      }
+    }
   }
 
  private:
@@ -527,10 +556,11 @@ class ChunkFolder {
   // position's final-row tokens offered to its candidates (algorithm.md step 1).
   void fold_tile(int64_t n0, int64_t g, int64_t v0, int64_t cols, int64_t chunk_offset,
                  ChunkResult& result) {
+    if (how_.folds_columns) return fold_tile_columns(v0, cols, chunk_offset, result);
     const int64_t R = p_.num_rows, N = p_.positions;
     float* z = logits_.data();
     for (int64_t m = 0; m < g * R; ++m)
-      kernels_.postprocess(z + m * cols, cols, bias_ ? bias_ + v0 : nullptr,
+      kernels_.postprocess(z + m * cols, cols, bias_ ? bias_ + v0 : nullptr, false,
                            static_cast<float>(p_.logit_scale), static_cast<float>(p_.softcap));
     const int32_t token0 = static_cast<int32_t>(vocab_offset_ + v0);
     for (int64_t n = n0; n < n0 + g; ++n) {
@@ -540,8 +570,27 @@ class ChunkFolder {
         kernels_.fold_row(lanes_.data() + (n * R + r) * kernels_.lane_state_floats,
                           result.stats[r * N + n], position + r * cols, final_row, cols,
                           chunk_offset, token0);
-      result.heaps[n].offer(final_row, position, cols, cols, token0);
+      result.heaps[n].offer(final_row, position, cols, 1, cols, token0);
       if (final_rows_) std::copy(final_row, final_row + cols, final_rows_ + n * p_.vocab + v0);
+    }
+  }
+
+  // fold_tile for the logits of all positions as [cols, columns] (row m of the position-major
+  // rows at column m): folded a lane per row.
+  void fold_tile_columns(int64_t v0, int64_t cols, int64_t chunk_offset, ChunkResult& result) {
+    const int64_t R = p_.num_rows, N = p_.positions, ld = how_.columns;
+    float* z = logits_.data();
+    for (int64_t j = 0; j < cols; ++j)
+      kernels_.postprocess(z + j * ld, N * R, bias_ ? bias_ + v0 + j : nullptr, true,
+                           static_cast<float>(p_.logit_scale), static_cast<float>(p_.softcap));
+    kernels_.fold_columns(lanes_.data(), z, ld, N * R, R, cols, chunk_offset);
+    const int32_t token0 = static_cast<int32_t>(vocab_offset_ + v0);
+    for (int64_t n = 0; n < N; ++n) {
+      const float* position = z + n * R;
+      const float* final_row = position + R - 1;
+      result.heaps[n].offer(final_row, position, 1, ld, cols, token0);
+      if (final_rows_)
+        for (int64_t j = 0; j < cols; ++j) final_rows_[n * p_.vocab + v0 + j] = final_row[j * ld];
     }
   }
 
@@ -552,7 +601,7 @@ class ChunkFolder {
   const float* bias_;
   int64_t vocab_offset_;
   float* final_rows_;         // [N, V] when kept, else null
-  std::vector<float> logits_;  // one group's [rows, tile] logits
+  std::vector<float> logits_;  // one group's [rows, tile] logits (or [tile, columns])
   std::vector<float> lanes_;   // every row's vector-lane statistics over the current chunk
 };
 

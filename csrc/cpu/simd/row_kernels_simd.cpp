@@ -42,7 +42,32 @@ struct VecLanes {
   static Vec minimum(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }  // keep NaN
   static Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
 };
-using LaneStats = RowStatsT<VecLanes>;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// VecLanes with AVX-512's mask registers: at::vec's comparisons return vectors, which each select
+// turns back into a mask, and its NaN-keeping minimum takes four instructions where two do.
+struct FoldLanes : VecLanes {
+  using Mask = __mmask16;
+  static Mask greater(const Vec& a, const Vec& b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static Vec select(Mask m, const Vec& if_true, const Vec& if_false) {
+    return _mm512_mask_blend_ps(m, if_false, if_true);
+  }
+  static Vec exp_neg_abs(const Vec& x) {
+    const Vec minus_abs = _mm512_or_ps(x, _mm512_set1_ps(-0.f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), minus_abs.exp_u20(), x);
+  }
+  // A NaN in a is kept; otherwise vminps, which returns b when b is a NaN.
+  static Vec minimum(const Vec& a, const Vec& b) {
+    return _mm512_mask_min_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a, b);
+  }
+  static Vec maximum(const Vec& a, const Vec& b) {
+    return _mm512_mask_max_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a, b);
+  }
+};
+#else
+using FoldLanes = VecLanes;
+#endif
+using LaneStats = RowStatsT<FoldLanes>;
 constexpr int kLaneFields = 10;  // the fields of RowStatsT, in declaration order
 static_assert(sizeof(LaneStats) == kLaneFields * sizeof(Vec), "kLaneFields must match RowStatsT");
 
@@ -67,7 +92,7 @@ void store_lanes(const LaneStats& l, float* s) {
 }
 
 void clear_lanes(float* lanes, int64_t rows) {
-  const LaneStats empty = empty_stats<VecLanes>();
+  const LaneStats empty = empty_stats<FoldLanes>();
   for (int64_t m = 0; m < rows; ++m) store_lanes(empty, lanes + m * kLaneFields * kWidth);
 }
 
@@ -88,8 +113,9 @@ void fold_row(float* lanes, RowStats& stats, const float* z, const float* final_
   }
 }
 
-void merge_lanes(const float* lanes, RowStats& stats, int32_t chunk_first_token) {
-  for (int64_t lane = 0; lane < kWidth; ++lane) {
+void merge_lanes(const float* lanes, int64_t first_lane, int64_t lane_count, RowStats& stats,
+                 int32_t chunk_first_token) {
+  for (int64_t lane = first_lane; lane < first_lane + lane_count; ++lane) {
     const auto field = [&](int f) { return lanes[f * kWidth + lane]; };
     // A lane without a maximum (argmax -1) may still hold NaNs, which merge keeps.
     const int32_t argmax =
@@ -99,13 +125,14 @@ void merge_lanes(const float* lanes, RowStats& stats, int32_t chunk_first_token)
   }
 }
 
-void postprocess(float* z, int64_t count, const float* bias, float scale, float softcap) {
+void postprocess(float* z, int64_t count, const float* bias, bool one_bias, float scale,
+                 float softcap) {
   const bool scaled = scale != 1.f;
   if (bias == nullptr && !scaled && softcap == 0.f) return;
   for (int64_t j = 0; j < count; j += kWidth) {
     const int64_t n = std::min<int64_t>(kWidth, count - j);
     Vec x = Vec::loadu(z + j, n);
-    if (bias != nullptr) x = x + Vec::loadu(bias + j, n);
+    if (bias != nullptr) x = x + (one_bias ? Vec(*bias) : Vec::loadu(bias + j, n));
     if (scaled) x = x * Vec(scale);
     if (softcap != 0.f) x = (x / Vec(softcap)).tanh() * Vec(softcap);
     x.store(z + j, n);
@@ -182,6 +209,53 @@ bool split_half(const c10::Half* x, int64_t ld_x, int64_t rows, int64_t count,
   }
   return finite && non_finite == 0;
 }
+
+// Lanes over rows instead of tokens: each lane folds one row's tokens in order, 16 rows at a time,
+// straight from the [token, row] layout brgemm writes when the hidden rows are its packed operand
+// (folding row-major needed that product transposed: a tenth of SmolLM2-like N = 8 in bf16).
+// Each lane's d needs its position's final row at the same token, which lies at most R - 1
+// columns on: for R <= 17 within the two vectors from the block's first row (one permute), else
+// the block holds at most two positions (two broadcasts).
+void fold_columns(float* lanes, const float* z, int64_t ld, int64_t rows, int64_t R,
+                  int64_t count, int64_t tile_offset) {
+  for (int64_t m0 = 0; m0 < rows; m0 += kWidth) {
+    float* block_lanes = lanes + m0 / kWidth * kLaneFields * kWidth;
+    LaneStats s = load_lanes(block_lanes);
+    alignas(64) int32_t final_of[kWidth];  // each lane's final row (a padding lane's: the last's)
+    for (int64_t i = 0; i < kWidth; ++i) {
+      const int64_t m = std::min(m0 + i, rows - 1);
+      final_of[i] = static_cast<int32_t>(m / R * R + R - 1);
+    }
+    const int32_t first_final = final_of[0], last_final = final_of[kWidth - 1];
+    const auto fold = [&](auto final_at) {
+      Vec token(static_cast<float>(tile_offset));
+      for (int64_t j = 0; j < count; ++j, token = token + Vec(1.f)) {
+        const float* zj = z + j * ld;
+        const Vec zv = Vec::loadu(zj + m0);
+        push(s, zv, zv - final_at(zj), token);
+      }
+    };
+    if (last_final - m0 < 2 * kWidth) {
+      const __m512i index = _mm512_sub_epi32(_mm512_load_si512(final_of),
+                                             _mm512_set1_epi32(static_cast<int32_t>(m0)));
+      // The second vector may reach past ld; no real lane reads there.
+      const int64_t beyond = std::clamp<int64_t>(ld - m0 - kWidth, 0, kWidth);
+      const __mmask16 in_bounds = static_cast<__mmask16>((uint32_t{1} << beyond) - 1);
+      fold([&](const float* zj) {
+        return Vec(_mm512_permutex2var_ps(_mm512_loadu_ps(zj + m0), index,
+                                          _mm512_maskz_loadu_ps(in_bounds, zj + m0 + kWidth)));
+      });
+    } else {
+      const __mmask16 second = _mm512_cmpeq_epi32_mask(_mm512_load_si512(final_of),
+                                                       _mm512_set1_epi32(last_final));
+      fold([&](const float* zj) {
+        return Vec(_mm512_mask_blend_ps(second, _mm512_set1_ps(zj[first_final]),
+                                        _mm512_set1_ps(zj[last_final])));
+      });
+    }
+    store_lanes(s, block_lanes);
+  }
+}
 #endif
 
 }  // namespace
@@ -190,13 +264,15 @@ bool split_half(const c10::Half* x, int64_t ld_x, int64_t rows, int64_t count,
 #define SLED_STRINGIFY(x) SLED_STRINGIFY_(x)
 
 const RowKernels& row_kernels() {
-  static const RowKernels kernels{SLED_STRINGIFY(CPU_CAPABILITY), kLaneFields * kWidth,
+  static const RowKernels kernels{SLED_STRINGIFY(CPU_CAPABILITY), kWidth, kLaneFields * kWidth,
                                   clear_lanes, fold_row, merge_lanes, postprocess,
                                   softmax_stats, evolve_row, transpose,
 #if defined(CPU_CAPABILITY_AVX512)
-                                  split_half
+                                  split_half, fold_columns
 #else
-                                  nullptr  // only brgemm splits halves, and it needs AVX-512
+                                  // only brgemm splits halves or leaves the logits
+                                  // column-wise, and it needs AVX-512
+                                  nullptr, nullptr
 #endif
   };
   return kernels;
