@@ -503,6 +503,16 @@ def test_many_positions_and_small_vocab_slices(device, iterations):
     assert_matches_reference(out, expected, 100, LB)
 
 
+def test_many_packed_rows_over_a_large_vocab(device):
+    """136 bf16 rows (R = 17, N = 8) over 128256 tokens: on AVX-512 CPUs with brgemm, each lane of
+    the statistics fold sums one row's tokens of a whole chunk in order (fold_columns), a longer
+    float32 sum than the other layouts'."""
+    hidden, weight, _ = make_inputs(17, 8, 320, 128256, torch.bfloat16, device=device)
+    out = sled_ext.evolve(hidden, weight, evolution_scale=10, evolution_lower_bound=LB)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), None, 10, 2.0, LB, dtype=torch.float64)
+    assert_matches_reference(out, expected, 10, LB)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_rejects_more_rows_than_it_stages():
     with pytest.raises(ValueError, match="at most 128 stacked rows"):
