@@ -82,9 +82,10 @@ def test_only_the_level_copies_hold_vector_extension_code():
 
 # Exactness of the brgemm path in both orientations (few rows: the hidden rows are packed; many
 # rows: the weight tile is), packed hidden rows too wide for one product (R = 9, N = 16, H = 2000:
-# three depth blocks), 64 packed rows or more (their products folded a lane per row: R <= 17 finds
-# each lane's final row by a permute, R = 33 by two broadcasts, R = 2 holds 8 positions in a
-# vector), odd H (padded depth), a strided weight, bias, soft-cap, T = 10, and the two-phase form.
+# three depth blocks), packed rows that fill at least 3/4 of the vector lanes (their products folded
+# a lane per row: R <= 17 finds each lane's final row by a permute, R >= 18 by two broadcasts,
+# R = 2 holds 8 positions in a vector; 12 and 31 rows leave idle lanes), odd H (padded depth), a
+# strided weight, bias, soft-cap, T = 10, and the two-phase form.
 BRGEMM_CHECK = r"""
 import json, math, sys, torch, sled_ext
 from sled_ext import reference as ref
@@ -94,6 +95,7 @@ info = sled_ext.cpu_kernels()
 cases = [dict(R=17, N=1, H=256, V=3001), dict(R=9, N=16, H=2000, V=700),
          dict(R=5, N=40, H=64, V=2000), dict(R=17, N=5, H=400, V=1500),
          dict(R=33, N=3, H=480, V=1200), dict(R=2, N=40, H=353, V=900),
+         dict(R=31, N=1, H=131, V=999), dict(R=4, N=3, H=70, V=800),
          dict(R=3, N=2, H=33, V=517), dict(R=2, N=7, H=16, V=100)]
 for c in cases:
     for strided in (False, True):

@@ -53,11 +53,12 @@ NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 @st.composite
 def cases(draw, projects, finite=False, many_rows=False):
-    """``many_rows``: 64-160 hidden rows and H wide enough that the CPU kernel packs them and folds
-    the products a lane per row (sled_cpu.cpp, kMinColumnFoldRows), with R on both sides of 17,
-    where it changes how a lane finds its final row."""
+    """``many_rows``: 12-160 hidden rows and H wide enough that the CPU kernel packs them; where
+    they fill 3/4 of the vector lanes it folds the products a lane per row (sled_cpu.cpp,
+    fold_a_lane_per_row), with R on both sides of 17, where it changes how a lane finds its final
+    row."""
     R = draw(st.sampled_from([2, 3, 7, 16, 17, 18, 33]) if many_rows else st.integers(2, 6))
-    N = draw(st.integers(-(-64 // R), 160 // R) if many_rows else st.integers(1, 4))
+    N = draw(st.integers(-(-12 // R), 160 // R) if many_rows else st.integers(1, 4))
     V = draw(st.one_of(st.integers(1, 40), st.integers(1, 600)))  # small: SIMD tails
     k = draw(st.one_of(st.integers(1, min(V, 80)), st.just(V)))
     kinds = [kind for kind in (HIDDEN_KINDS if projects else LOGIT_KINDS)
