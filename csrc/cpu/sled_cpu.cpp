@@ -163,8 +163,8 @@ bool brgemm_multiplies(at::ScalarType dtype) {
 // AMX-FP16): each half is split into bf16 hi + lo (split_half, exact), so x . y is the sum of four
 // bf16 products (hi.hi, hi.lo, lo.hi, lo.lo), every term exact in fp32. On AMX that beats fp32
 // FMAs on widened halves, which is what oneDNN's fp16 brgemm does on AVX512-FP16: Sapphire
-// Rapids, 2 threads, the README's shapes took 0.74-1.15x torch's fp16 GEMM split, 1.04-1.71x
-// through that brgemm.
+// Rapids, 2 threads, the README's shapes took 0.85-1.21x torch's fp16 GEMM split (4ef0ee7),
+// 1.04-1.71x through that brgemm (5feb924).
 bool splits_halves() {
   static const bool split = !brgemm_multiplies(at::kHalf) && brgemm_multiplies(at::kBFloat16) &&
                             at::native::cpublas::could_pack(at::kBFloat16);
@@ -202,6 +202,7 @@ constexpr int64_t kHiddenBlockBytes = 256 * 1024, kDepthStep = 32;
 // Packed hidden rows share each product's logits budget with the tile: past this many columns
 // the tile would be too narrow, and the weight tiles are packed instead.
 constexpr int64_t kMaxPackedColumns = kLogitsBudget / 128;
+
 int64_t round_up(int64_t x, int64_t step) { return (x + step - 1) / step * step; }
 
 // Whether the product of `rows` packed hidden rows, which comes out [tile, rows], is folded as it
@@ -458,24 +459,24 @@ class TileProjector {
   // product [tile, columns] has its parts' columns added, then is turned back into [rows, tile]
   // unless it is folded as it is.
   void project_onto_packed_hidden(int64_t group, int64_t rows, float* out) const {
-    float* transposed = how_.folds_columns ? out : transposed_.data_ptr<float>();
+    float* product = how_.folds_columns ? out : transposed_.data_ptr<float>();
     const at::Tensor packed = hidden_[group];  // [depth / 2, columns, 2]
     const int64_t columns = how_.columns;
     for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
       const int64_t block = std::min(how_.depth_block, how_.depth - k0);
       for (int64_t a = 0; a < how_.parts; ++a)  // depth k0 of B starts at element k0 * columns
         brgemm_fp32(how_.operand, cols_, columns, block, part_from(weight_, a, k0),
-                    weight_.stride(1), part_from(packed, 0, k0 * columns), transposed,
+                    weight_.stride(1), part_from(packed, 0, k0 * columns), product,
                     k0 > 0 || a > 0);
     }
     const int64_t part_offset = how_.group * p_.num_rows;
     for (int64_t part = 1; part < how_.parts; ++part) {
       for (int64_t j = 0; j < cols_; ++j) {
-        float* row = transposed + j * columns;
+        float* row = product + j * columns;
         for (int64_t m = 0; m < rows; ++m) row[m] += row[part * part_offset + m];
       }
     }
-    if (!how_.folds_columns) row_kernels().transpose(transposed, columns, out, cols_, cols_, rows);
+    if (!how_.folds_columns) row_kernels().transpose(product, columns, out, cols_, cols_, rows);
   }
 
   // A tile the split cannot take (load_tile), widened, in the layout the other products write.
@@ -607,7 +608,9 @@ class ChunkFolder {
   int64_t vocab_offset_;
   float* final_rows_;         // [N, V] when kept, else null
   std::vector<float> logits_;  // one group's [rows, tile] logits (or [tile, columns])
-  std::vector<float> lanes_;   // every row's vector-lane statistics over the current chunk
+  // Every row's vector-lane statistics over the current chunk: a record per row, or per `lanes`
+  // rows when they are folded a lane per row.
+  std::vector<float> lanes_;
 };
 
 // Chunks merge in chunk order, so the statistics do not depend on which thread ran which chunk.

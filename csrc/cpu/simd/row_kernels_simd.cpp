@@ -232,7 +232,7 @@ void fold_columns(float* lanes, const float* z, int64_t ld, int64_t rows, int64_
       for (int64_t j = 0; j < count; ++j, token = token + Vec(1.f)) {
         const float* zj = z + j * ld;
         const Vec zv = Vec::loadu(zj + m0);
-        push(s, zv, zv - final_at(zj), token);
+        push(s, zv, zv - final_at(zj, zv), token);
       }
     };
     if (last_final - m0 < 2 * kWidth) {
@@ -241,14 +241,14 @@ void fold_columns(float* lanes, const float* z, int64_t ld, int64_t rows, int64_
       // The second vector may reach past ld; no real lane reads there.
       const int64_t beyond = std::clamp<int64_t>(ld - m0 - kWidth, 0, kWidth);
       const __mmask16 in_bounds = static_cast<__mmask16>((uint32_t{1} << beyond) - 1);
-      fold([&](const float* zj) {
-        return Vec(_mm512_permutex2var_ps(_mm512_loadu_ps(zj + m0), index,
+      fold([&](const float* zj, const Vec& zv) {
+        return Vec(_mm512_permutex2var_ps(zv, index,
                                           _mm512_maskz_loadu_ps(in_bounds, zj + m0 + kWidth)));
       });
     } else {
       const __mmask16 second = _mm512_cmpeq_epi32_mask(_mm512_load_si512(final_of),
                                                        _mm512_set1_epi32(last_final));
-      fold([&](const float* zj) {
+      fold([&](const float* zj, const Vec&) {
         return Vec(_mm512_mask_blend_ps(second, _mm512_set1_ps(zj[first_final]),
                                         _mm512_set1_ps(zj[last_final])));
       });
