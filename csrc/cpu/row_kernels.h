@@ -13,6 +13,9 @@
 
 namespace sled {
 
+// bf16 elements of split_product's scratch: two chunks of 16 rows x 128 depth, both parts.
+constexpr int64_t kSplitProductScratch = 2 * 2 * 16 * 128;
+
 struct RowKernels {
   const char* level;  // "DEFAULT", "AVX2" or "AVX512"
   int64_t lanes;  // floats per SIMD vector
@@ -57,6 +60,16 @@ struct RowKernels {
   // `tile_offset` tokens after the chunk's first (< 2^24). AVX512 only (null below it).
   void (*fold_columns)(float* lanes, const float* z, int64_t ld, int64_t rows, int64_t R,
                        int64_t count, int64_t tile_offset);
+  // out [rows, columns] (row stride ld_out) = the fp16 weight rows w [rows, H] (unit column
+  // stride, row stride ld_w), each split into bf16 hi + lo as split_half does, times b, bf16
+  // packed as brgemm's B ([depth / 2, columns, 2], depth H rounded up to 32 and zero-padded;
+  // columns a multiple of 16), on AMX in fp32. out has room for rows rounded up to 16 (the rows
+  // past `rows` are overwritten). `scratch` holds kSplitProductScratch bf16. Returns false if w
+  // holds a NaN or an infinity (out is then not the product). AVX512 only (null below it); needs
+  // AMX-BF16, its tile data enabled for the process (as oneDNN does).
+  bool (*split_product)(const c10::Half* w, int64_t ld_w, int64_t rows, int64_t H,
+                        const c10::BFloat16* b, int64_t columns, float* out, int64_t ld_out,
+                        c10::BFloat16* scratch);
 };
 
 // The copies that were compiled (row_kernels_simd.cpp) and the one this CPU runs.

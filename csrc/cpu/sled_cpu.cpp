@@ -15,9 +15,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "../sled_math.h"
 #include "../sled_problem.h"
@@ -31,6 +37,8 @@
 
 namespace sled {
 namespace {
+
+int64_t round_up(int64_t x, int64_t step) { return (x + step - 1) / step * step; }
 
 // The best `capacity` tokens of one position's final row seen so far (worst on top of a heap),
 // each with the premature rows' logits at that token.
@@ -171,6 +179,57 @@ bool splits_halves() {
   return split;
 }
 
+// Writes `rows` [n, H] into the first n rows of `out` [parts, rows, depth >= H] as the products
+// read them: converted to out's dtype, or split into bf16 hi and lo parts (splits_halves). The
+// depth padding is left as it is (zero). False when a split met a NaN or an infinity.
+bool write_operands(const at::Tensor& rows, at::Tensor& out) {
+  const int64_t n = rows.size(0), H = rows.size(1);
+  if (out.size(0) == 1) {
+    out[0].narrow(0, 0, n).narrow(1, 0, H).copy_(rows);
+    return true;
+  }
+  const at::Tensor x = rows.stride(1) == 1 ? rows : rows.contiguous();
+  const c10::Half* src = x.const_data_ptr<c10::Half>();
+  c10::BFloat16* hi = out.data_ptr<c10::BFloat16>();
+  c10::BFloat16* lo = hi + out.stride(0);
+  return row_kernels().split_half(src, x.stride(0), n, H, hi, lo, out.stride(1));
+}
+
+// Whether split fp16 weight rows streamed past packed hidden rows are split and multiplied in
+// one pass (split_product, on AMX) rather than split into a buffer, then multiplied by brgemm:
+// where halves are split, the process may use AMX's tile data (Linux grants it on request, as
+// oneDNN asks), and a small product, exact in fp32, comes out right.
+bool splits_in_product() {
+#if defined(SLED_X86_LEVELS) && defined(__linux__)
+  static const bool ok = [] {
+    if (!splits_halves() || row_kernels().split_product == nullptr) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XTILEDATA
+    if (syscall(SYS_arch_prctl, kRequestPermission, kTileData) != 0) return false;
+    // Halves with lo parts (k / 1024, |k| < 2^11) times small integers: every sum exact. Two
+    // blocks of weight rows, the second partial, and a partial step of depth.
+    constexpr int64_t rows = 20, H = 40, n = 3, depth = 64, columns = 32;
+    const at::Tensor w =
+        (at::arange(rows * H).mul(37).remainder(4093) - 2046).div(1024.).view({rows, H}).to(at::kHalf);
+    const at::Tensor h = (at::arange(n * H).view({n, H}).remainder(7) - 3).to(at::kHalf);
+    at::Tensor parts = at::zeros({2, n, depth}, at::kBFloat16);
+    write_operands(h, parts);
+    at::Tensor b = at::empty({depth / 2, columns, 2}, at::kBFloat16);
+    pack_b(at::cat({parts[0], parts[1], at::zeros({columns - 2 * n, depth}, at::kBFloat16)}), b);
+    at::Tensor scratch = at::full({kSplitProductScratch}, NAN, at::kBFloat16);  // all written
+    at::Tensor out = at::empty({round_up(rows, 16), columns}, at::kFloat);
+    const bool finite = row_kernels().split_product(
+        w.const_data_ptr<c10::Half>(), H, rows, H, b.const_data_ptr<c10::BFloat16>(), columns,
+        out.data_ptr<float>(), columns, scratch.data_ptr<c10::BFloat16>());
+    return finite && at::equal(out.narrow(0, 0, rows).narrow(1, 0, n) +
+                                   out.narrow(0, 0, rows).narrow(1, n, n),
+                               at::mm(w.to(at::kFloat), h.to(at::kFloat).t()));
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // How the logits of a tile come about: copied from the logits input, or a product of the hidden
 // rows [M, H] with the tile's weight rows in one of three ways.
 enum class Source {
@@ -202,8 +261,6 @@ constexpr int64_t kHiddenBlockBytes = 256 * 1024, kDepthStep = 32;
 // Packed hidden rows share each product's logits budget with the tile: past this many columns
 // the tile would be too narrow, and the weight tiles are packed instead.
 constexpr int64_t kMaxPackedColumns = kLogitsBudget / 128;
-
-int64_t round_up(int64_t x, int64_t step) { return (x + step - 1) / step * step; }
 
 // Whether the product of `rows` packed hidden rows, which comes out [tile, rows], is folded as it
 // is, a lane per row (fold_columns), rather than transposed and folded a lane per token. The
@@ -259,7 +316,8 @@ struct Projection {
   at::ScalarType operand = at::kFloat;  // what the products multiply: fp32, bf16 or fp16
   int64_t parts = 1;                    // operands per matrix: 2 for fp16 split into bf16
   bool packs_hidden = false;
-  bool folds_columns = false;  // the products' [tile, columns] logits folded as they are
+  bool splits_in_product = false;  // fp16 weight tiles split as they stream (split_product)
+  bool folds_columns = false;      // the products' [tile, columns] logits folded as they are
   int64_t columns = 0;      // packed hidden rows per group, every part's (see packed_columns)
   int64_t depth_block = 0;  // depth per product of packed hidden rows (the last block less)
 
@@ -282,6 +340,8 @@ struct Projection {
         parts = split ? 2 : 1;
         const int64_t all_columns = packed_columns(parts * N * R);
         packs_hidden = all_columns * 2 <= H + H % 2 && all_columns <= kMaxPackedColumns;
+        splits_in_product =
+            split && packs_hidden && p.weight.stride(1) == 1 && sled::splits_in_product();
       }
     }
     group = packs_hidden ? N : std::min(N, group_positions(R, N));
@@ -289,7 +349,9 @@ struct Projection {
     columns = packed_columns(parts * rows);
     folds_columns = packs_hidden && fold_a_lane_per_row(rows);
     groups = group > 0 ? (N + group - 1) / group : 0;
-    depth = source == Source::kPacked ? H + H % 2 : H;
+    depth = splits_in_product        ? round_up(H, kDepthStep)
+            : source == Source::kPacked ? H + H % 2
+                                        : H;
     // Bytes of one weight row's operands.
     const int64_t row_bytes = parts * depth * at::elementSize(operand);
     if (packs_hidden) {
@@ -308,28 +370,15 @@ struct Projection {
         tile = tile_columns(rows, row_bytes, source == Source::kWidened);
         break;
       case Source::kPacked:
-        tile = packs_hidden ? tile_columns(columns, row_bytes, parts > 1)
-                            : tile_columns(rows, row_bytes, true);
+        if (splits_in_product)  // the fp16 weight is read in place
+          tile = tile_columns(columns, H * 2, false);
+        else
+          tile = packs_hidden ? tile_columns(columns, row_bytes, parts > 1)
+                              : tile_columns(rows, row_bytes, true);
         break;
     }
   }
 };
-
-// Writes `rows` [n, H] into the first n rows of `out` [parts, rows, depth >= H] as the products
-// read them: converted to out's dtype, or split into bf16 hi and lo parts (splits_halves). The
-// depth padding is left as it is (zero). False when a split met a NaN or an infinity.
-bool write_operands(const at::Tensor& rows, at::Tensor& out) {
-  const int64_t n = rows.size(0), H = rows.size(1);
-  if (out.size(0) == 1) {
-    out[0].narrow(0, 0, n).narrow(1, 0, H).copy_(rows);
-    return true;
-  }
-  const at::Tensor x = rows.stride(1) == 1 ? rows : rows.contiguous();
-  const c10::Half* src = x.const_data_ptr<c10::Half>();
-  c10::BFloat16* hi = out.data_ptr<c10::BFloat16>();
-  c10::BFloat16* lo = hi + out.stride(0);
-  return row_kernels().split_half(src, x.stride(0), n, H, hi, lo, out.stride(1));
-}
 
 // The hidden rows [M, H] position-major (row r of position n at n * R + r), so that a group of
 // positions is a block of consecutive rows.
@@ -379,8 +428,10 @@ class TileProjector {
       case Source::kPacked:
         // The weight rows are read in place unless they are split, their depth must be padded
         // or their stride does not allow it.
-        if (how.parts > 1 || how.depth != H || p.weight.stride(1) != 1 ||
-            p.weight.stride(0) % 2 != 0)
+        if (how.splits_in_product)
+          split_blocks_ = at::empty({kSplitProductScratch}, options);
+        else if (how.parts > 1 || how.depth != H || p.weight.stride(1) != 1 ||
+                 p.weight.stride(0) % 2 != 0)
           weight_rows_ = at::zeros({how.parts, tile, how.depth}, options);
         if (how.packs_hidden && !how.folds_columns)
           transposed_ = at::empty({tile, how.columns}, at::kFloat);
@@ -407,10 +458,7 @@ class TileProjector {
     const at::Tensor w = p_.weight.narrow(0, v0, cols);
     if (weight_rows_.defined()) {
       finite_split_ = write_operands(w, weight_rows_);
-      if (!finite_split_) {  // widened, with the hidden rows (once per thread)
-        widened_tile_ = w.to(at::kFloat);
-        if (!widened_hidden_.defined()) widened_hidden_ = position_major(p_).to(at::kFloat);
-      }
+      if (!finite_split_) widen_tile();
       weight_ = weight_rows_.narrow(1, 0, cols);
     } else {
       weight_ = w.unsqueeze(0);
@@ -424,7 +472,7 @@ class TileProjector {
   }
 
   // Group `group` of positions: rows [row0, row0 + rows) of the position-major hidden rows.
-  void project(int64_t group, int64_t row0, int64_t rows, float* out) const {
+  void project(int64_t group, int64_t row0, int64_t rows, float* out) {
     at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
     switch (how_.source) {
       case Source::kLogits: {
@@ -455,19 +503,35 @@ class TileProjector {
            (part * t.stride(0) + k0) * t.element_size();
   }
 
-  // The weight tile is A, read in place (or from its buffer) a depth block at a time; the
-  // product [tile, columns] has its parts' columns added, then is turned back into [rows, tile]
-  // unless it is folded as it is.
-  void project_onto_packed_hidden(int64_t group, int64_t rows, float* out) const {
+  // The weight tile widened to fp32 for a product with the widened hidden rows (made once per
+  // thread), where a split met a NaN or an infinity.
+  void widen_tile() {
+    widened_tile_ = p_.weight.narrow(0, v0_, cols_).to(at::kFloat);
+    if (!widened_hidden_.defined()) widened_hidden_ = position_major(p_).to(at::kFloat);
+  }
+
+  // The weight tile is A, read in place (or from its buffer) a depth block at a time, or split
+  // as it streams (Projection::splits_in_product); the product [tile, columns] has its parts'
+  // columns added, then is turned back into [rows, tile] unless it is folded as it is.
+  void project_onto_packed_hidden(int64_t group, int64_t rows, float* out) {
     float* product = how_.folds_columns ? out : transposed_.data_ptr<float>();
     const at::Tensor packed = hidden_[group];  // [depth / 2, columns, 2]
     const int64_t columns = how_.columns;
-    for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
-      const int64_t block = std::min(how_.depth_block, how_.depth - k0);
-      for (int64_t a = 0; a < how_.parts; ++a)  // depth k0 of B starts at element k0 * columns
-        brgemm_fp32(how_.operand, cols_, columns, block, part_from(weight_, a, k0),
-                    weight_.stride(1), part_from(packed, 0, k0 * columns), product,
-                    k0 > 0 || a > 0);
+    if (!how_.splits_in_product) {
+      for (int64_t k0 = 0; k0 < how_.depth; k0 += how_.depth_block) {
+        const int64_t block = std::min(how_.depth_block, how_.depth - k0);
+        for (int64_t a = 0; a < how_.parts; ++a)  // depth k0 of B starts at element k0 * columns
+          brgemm_fp32(how_.operand, cols_, columns, block, part_from(weight_, a, k0),
+                      weight_.stride(1), part_from(packed, 0, k0 * columns), product,
+                      k0 > 0 || a > 0);
+      }
+    } else if (!row_kernels().split_product(
+                   weight_[0].const_data_ptr<c10::Half>(), weight_.stride(1), cols_,
+                   p_.rows.size(2), packed.const_data_ptr<c10::BFloat16>(), columns, product,
+                   columns, split_blocks_.data_ptr<c10::BFloat16>())) {
+      widen_tile();
+      at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
+      return project_widened(0, rows, logits);
     }
     const int64_t part_offset = how_.group * p_.num_rows;
     for (int64_t part = 1; part < how_.parts; ++part) {
@@ -503,7 +567,7 @@ class TileProjector {
   const Problem& p_;
   const Projection& how_;
   at::Tensor hidden_;
-  at::Tensor weight_rows_, packed_weight_, transposed_;  // this thread's buffers
+  at::Tensor weight_rows_, packed_weight_, transposed_, split_blocks_;  // this thread's buffers
   at::Tensor weight_;                                    // the current tile: [parts, cols, depth]
   // False for a tile whose split met a NaN or an infinity (write_operands): it is multiplied
   // widened to fp32 instead.
@@ -710,6 +774,8 @@ std::string cpu_kernels(at::ScalarType dtype) {
     projection = "sgemm";
   else if (brgemm_multiplies(dtype))
     projection = "brgemm";
+  else if (dtype == at::kHalf && splits_in_product())
+    projection = "split into bfloat16 hi + lo: AMX as the weight streams, brgemm for many rows";
   else if (dtype == at::kHalf && splits_halves())
     projection = "brgemm, split into bfloat16 hi + lo";
   return std::string(row_kernels().level) + "; " + projection;

@@ -163,51 +163,201 @@ void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
 // hi keeps a float's upper 16 bits (sign, exponent, 7 fraction bits): exact in bf16, as is the
 // rest below them, which holds at most a half's other 3 fraction bits. Written with AVX-512
 // intrinsics: at::vec's bf16 conversion rounds (and checks for NaN) where taking the upper word
-// suffices. The loop streams the weight from memory, and the hardware prefetcher alone left its
-// loads waiting: fetching 4 KiB ahead took Llama-3.2-1B-like N = 1 from 1.4x torch's fp16 GEMM
-// to 0.8-1.0x (Sapphire Rapids, 2 threads).
+// suffices. Remembers whether it met a NaN or an infinity (hi keeps it, lo is 0 there).
+class HalfSplitter {
+ public:
+  // Splits the halves of `valid` among src[0, 32) (the others read as 0) and writes the parts
+  // `written` of 32.
+  void split(const c10::Half* src, __mmask32 valid, __mmask32 written, c10::BFloat16* high,
+             c10::BFloat16* low) {
+    const __m512i halves = _mm512_maskz_loadu_epi16(valid, src);
+    const __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+    const __m512 b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+    const __m512 high_a = _mm512_and_ps(a, high_mask_), high_b = _mm512_and_ps(b, high_mask_);
+    const __mmask16 odd_a = _mm512_fpclass_ps_mask(high_a, kNonFinite);
+    const __mmask16 odd_b = _mm512_fpclass_ps_mask(high_b, kNonFinite);
+    non_finite_ |= odd_a | odd_b;
+    const __m512 low_a = _mm512_maskz_sub_ps(static_cast<__mmask16>(~odd_a), a, high_a);
+    const __m512 low_b = _mm512_maskz_sub_ps(static_cast<__mmask16>(~odd_b), b, high_b);
+    _mm512_mask_storeu_epi16(high, written, pack(high_a, high_b));
+    _mm512_mask_storeu_epi16(low, written, pack(low_a, low_b));
+  }
+  bool finite() const { return non_finite_ == 0; }
+
+ private:
+  static constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // vfpclassps: NaNs and infinities
+  // Word i of the packed result is the upper word of float lane i of (a, b): word 2i + 1.
+  __m512i pack(__m512 a, __m512 b) const {
+    return _mm512_permutex2var_epi16(_mm512_castps_si512(a), upper_, _mm512_castps_si512(b));
+  }
+  const __m512 high_mask_ = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m512i upper_ = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37,
+                                          35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9,
+                                          7, 5, 3, 1);
+  __mmask16 non_finite_ = 0;
+};
+
+// The first `count` of 32 halves.
+__mmask32 first_halves(int64_t count) {
+  return count >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << count) - 1);
+}
+
+// Loops that stream the weight from memory fetch this far ahead: the hardware prefetcher alone
+// left their loads waiting (split_half took Llama-3.2-1B-like N = 1 from 1.4x torch's fp16 GEMM
+// to 0.8-1.0x so; Sapphire Rapids, 2 threads).
+constexpr int64_t kPrefetchHalves = 2048;
+
 bool split_half(const c10::Half* x, int64_t ld_x, int64_t rows, int64_t count,
                 c10::BFloat16* hi, c10::BFloat16* lo, int64_t ld_out) {
-  constexpr uint32_t kHighBits = 0xffff0000u;
-  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // vfpclassps: NaNs and infinities
-  constexpr int64_t kPrefetchHalves = 2048;
-  const __m512 high_mask = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(kHighBits)));
-  // Word i of the packed result is the upper word of float lane i of (a, b): word 2i + 1.
-  const __m512i upper = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37,
-                                         35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9,
-                                         7, 5, 3, 1);
-  const auto pack = [&](__m512 a, __m512 b) {
-    return _mm512_permutex2var_epi16(_mm512_castps_si512(a), upper, _mm512_castps_si512(b));
-  };
-  __mmask16 non_finite = 0;
-  bool finite = true;
+  HalfSplitter splitter;
   for (int64_t r = 0; r < rows; ++r) {
     const c10::Half* src = x + r * ld_x;
-    c10::BFloat16 *high = hi + r * ld_out, *low = lo + r * ld_out;
-    int64_t j = 0;
-    for (; j + 32 <= count; j += 32) {
+    for (int64_t j = 0; j < count; j += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(src + j + kPrefetchHalves), _MM_HINT_T0);
-      const __m512i halves = _mm512_loadu_si512(src + j);
-      const __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
-      const __m512 b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
-      const __m512 high_a = _mm512_and_ps(a, high_mask), high_b = _mm512_and_ps(b, high_mask);
-      const __mmask16 odd_a = _mm512_fpclass_ps_mask(high_a, kNonFinite);
-      const __mmask16 odd_b = _mm512_fpclass_ps_mask(high_b, kNonFinite);
-      non_finite |= odd_a | odd_b;
-      const __m512 low_a = _mm512_maskz_sub_ps(static_cast<__mmask16>(~odd_a), a, high_a);
-      const __m512 low_b = _mm512_maskz_sub_ps(static_cast<__mmask16>(~odd_b), b, high_b);
-      _mm512_storeu_si512(high + j, pack(high_a, high_b));
-      _mm512_storeu_si512(low + j, pack(low_a, low_b));
-    }
-    for (; j < count; ++j) {
-      const float v = src[j];
-      const float top = c10::bit_cast<float>(c10::bit_cast<uint32_t>(v) & kHighBits);
-      finite = finite && std::isfinite(top);
-      high[j] = c10::BFloat16(top);
-      low[j] = c10::BFloat16(std::isfinite(top) ? v - top : 0.f);
+      const __mmask32 valid = first_halves(count - j);
+      splitter.split(src + j, valid, valid, hi + r * ld_out + j, lo + r * ld_out + j);
     }
   }
-  return finite && non_finite == 0;
+  return splitter.finite();
+}
+
+// split_product on AMX. Tile registers: products 0-4 (16 rows x 16 fp32 columns each), the
+// weight block's hi and lo parts 5 and 6 (16 rows x 32 bf16), the hidden rows' B tile 7 (16 pairs
+// of depth x 16 columns); every tile 16 rows of 64 bytes.
+constexpr int64_t kBlockRows = 16, kStepDepth = 32, kProductTiles = 5;
+// Steps of depth split at a time (a chunk): 16 KiB of both parts, double-buffered, stay in L1
+// (a block of rows split whole went to L2, and its stores competed with the weight's loads).
+constexpr int64_t kChunkSteps = 4;
+
+void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+  } config;
+  _tile_loadconfig(&config);
+}
+
+// Tile registers are named by literals (GCC's AMX intrinsics paste them into the instruction).
+#define SLED_FOR_PRODUCT_TILES(tiles, STEP) \
+  do {                                     \
+    STEP(0);                               \
+    if ((tiles) > 1) STEP(1);              \
+    if ((tiles) > 2) STEP(2);              \
+    if ((tiles) > 3) STEP(3);              \
+    if ((tiles) > 4) STEP(4);              \
+  } while (false)
+
+void zero_products(int64_t tiles) {
+#define SLED_ZERO(t) _tile_zero(t)
+  SLED_FOR_PRODUCT_TILES(tiles, SLED_ZERO);
+#undef SLED_ZERO
+}
+
+void load_products(int64_t tiles, const float* out, int64_t out_stride) {
+#define SLED_LOAD(t) _tile_loadd(t, out + (t) * 16, out_stride)
+  SLED_FOR_PRODUCT_TILES(tiles, SLED_LOAD);
+#undef SLED_LOAD
+}
+
+void store_products(int64_t tiles, float* out, int64_t out_stride) {
+#define SLED_STORE(t) _tile_stored(t, out + (t) * 16, out_stride)
+  SLED_FOR_PRODUCT_TILES(tiles, SLED_STORE);
+#undef SLED_STORE
+}
+
+// Products t < tiles += (hi + lo) x B tile t; b's tiles lie 16 columns apart.
+void multiply(int64_t tiles, const c10::BFloat16* b, int64_t b_stride) {
+#define SLED_MULTIPLY(t)                    \
+  do {                                      \
+    _tile_loadd(7, b + (t) * 32, b_stride); \
+    _tile_dpbf16ps(t, 5, 7);                \
+    _tile_dpbf16ps(t, 6, 7);                \
+  } while (false)
+  SLED_FOR_PRODUCT_TILES(tiles, SLED_MULTIPLY);
+#undef SLED_MULTIPLY
+}
+#undef SLED_FOR_PRODUCT_TILES
+
+// The weight is split a chunk at a time (16 rows, kChunkSteps steps of depth) into a buffer laid
+// out as AMX tiles (per part and step, 16 rows of 32 bf16), double-buffered: while one chunk is
+// split, the products of the one before run, a step at a time between the split's, so that the
+// memory stream does not wait for the matrix unit (split first, multiplied after,
+// Llama-3.2-1B-like N = 1 took 1.2x torch's fp16 GEMM). Products stay in their registers over a
+// block's chunks when one pass covers all columns, else go through `out` between chunks.
+bool split_product(const c10::Half* w, int64_t ld_w, int64_t rows, int64_t H,
+                   const c10::BFloat16* b, int64_t columns, float* out, int64_t ld_out,
+                   c10::BFloat16* scratch) {
+  const int64_t steps = (H + kStepDepth - 1) / kStepDepth;
+  const int64_t block_chunks = (steps + kChunkSteps - 1) / kChunkSteps;
+  const int64_t chunks = (rows + kBlockRows - 1) / kBlockRows * block_chunks;
+  constexpr int64_t kPartSize = kChunkSteps * kBlockRows * kStepDepth;
+  const int64_t column_tiles = columns / 16;
+  const int64_t passes = (column_tiles + kProductTiles - 1) / kProductTiles;
+  HalfSplitter splitter;
+  struct Chunk {
+    int64_t row0, rows, step0, steps;
+    bool first, last;  // of its block
+    c10::BFloat16* buffer;
+  };
+  const auto chunk = [&](int64_t g) {
+    const int64_t row0 = g / block_chunks * kBlockRows, c = g % block_chunks;
+    const int64_t step0 = c * kChunkSteps;
+    return Chunk{row0, std::min(kBlockRows, rows - row0), step0,
+                 std::min(kChunkSteps, steps - step0), c == 0, c + 1 == block_chunks,
+                 scratch + g % 2 * 2 * kPartSize};
+  };
+  const auto split = [&](const Chunk& c, int64_t row, int64_t step) {
+    const c10::Half* src = w + (c.row0 + row) * ld_w + (c.step0 + step) * kStepDepth;
+    // the same halves of the next block's row, into L2
+    _mm_prefetch(reinterpret_cast<const char*>(src + kBlockRows * ld_w), _MM_HINT_T1);
+    c10::BFloat16* high = c.buffer + (step * kBlockRows + row) * kStepDepth;
+    // past H, zeros: the padding of B is zero too, and garbage there could be a NaN
+    splitter.split(src, first_halves(H - (c.step0 + step) * kStepDepth), ~__mmask32{0}, high,
+                   high + kPartSize);
+  };
+  const auto multiply_step = [&](const Chunk& c, int64_t pass, int64_t step) {
+    const int64_t first = pass * kProductTiles;
+    const int64_t tiles = std::min(kProductTiles, column_tiles - first);
+    float* products = out + c.row0 * ld_out + first * 16;
+    if (step == 0 && c.first) zero_products(tiles);
+    else if (step == 0 && passes > 1) load_products(tiles, products, ld_out * 4);
+    _tile_loadd(5, c.buffer + step * kBlockRows * kStepDepth, 64);
+    _tile_loadd(6, c.buffer + kPartSize + step * kBlockRows * kStepDepth, 64);
+    multiply(tiles, b + ((c.step0 + step) * 16 * columns + first * 16) * 2, columns * 4);
+    if (step + 1 == c.steps && (c.last || passes > 1))
+      store_products(tiles, products, ld_out * 4);
+  };
+  configure_tiles();
+  if (chunks > 0) {
+    const Chunk c = chunk(0);
+    for (int64_t row = 0; row < c.rows; ++row)
+      for (int64_t step = 0; step < c.steps; ++step) split(c, row, step);
+  }
+  for (int64_t g = 0; g < chunks; ++g) {
+    const Chunk current = chunk(g);
+    const int64_t units = passes * current.steps;
+    int64_t pass = 0, step = 0;  // the next product step
+    const auto multiply_next = [&] {
+      multiply_step(current, pass, step);
+      if (++step == current.steps) step = 0, ++pass;
+    };
+    if (g + 1 < chunks) {
+      // Bresenham: after each of the next chunk's splits, units / splits product steps.
+      const Chunk next = chunk(g + 1);
+      const int64_t splits = next.rows * next.steps;
+      int64_t owed = 0;
+      for (int64_t row = 0; row < next.rows; ++row) {
+        for (int64_t s = 0; s < next.steps; ++s) {
+          split(next, row, s);
+          for (owed += units; owed >= splits; owed -= splits) multiply_next();
+        }
+      }
+    }
+    while (pass < passes) multiply_next();
+  }
+  _tile_release();
+  return splitter.finite();
 }
 
 // Lanes over rows instead of tokens: each lane folds one row's tokens in order, 16 rows at a time,
@@ -268,11 +418,11 @@ const RowKernels& row_kernels() {
                                   clear_lanes, fold_row, merge_lanes, postprocess,
                                   softmax_stats, evolve_row, transpose,
 #if defined(CPU_CAPABILITY_AVX512)
-                                  split_half, fold_columns
+                                  split_half, fold_columns, split_product
 #else
-                                  // only brgemm splits halves or leaves the logits
-                                  // column-wise, and it needs AVX-512
-                                  nullptr, nullptr
+                                  // only brgemm and AMX split halves or leave the logits
+                                  // column-wise, and they need AVX-512
+                                  nullptr, nullptr, nullptr
 #endif
   };
   return kernels;
