@@ -200,7 +200,7 @@ bool write_operands(const at::Tensor& rows, at::Tensor& out) {
 // where halves are split, the process may use AMX's tile data (Linux grants it on request, as
 // oneDNN asks), and a small product, exact in fp32, comes out right.
 bool splits_in_product() {
-#if defined(SLED_X86_LEVELS) && defined(__linux__)
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(SLED_X86_LEVELS) && defined(__linux__)
   static const bool ok = [] {
     if (!splits_halves() || row_kernels().split_product == nullptr) return false;
     constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XTILEDATA
@@ -220,6 +220,8 @@ bool splits_in_product() {
     const bool finite = row_kernels().split_product(
         w.const_data_ptr<c10::Half>(), H, rows, H, b.const_data_ptr<c10::BFloat16>(), columns,
         out.data_ptr<float>(), columns, scratch.data_ptr<c10::BFloat16>());
+    // brgemm reloads its tile configuration on its next call here, which it tracks per thread
+    at::native::cpublas::brgemm_release();
     return finite && at::equal(out.narrow(0, 0, rows).narrow(1, 0, n) +
                                    out.narrow(0, 0, rows).narrow(1, n, n),
                                at::mm(w.to(at::kFloat), h.to(at::kFloat).t()));
