@@ -171,7 +171,7 @@ bool brgemm_multiplies(at::ScalarType dtype) {
 // AMX-FP16): each half is split into bf16 hi + lo (split_half, exact), so x . y is the sum of four
 // bf16 products (hi.hi, hi.lo, lo.hi, lo.lo), every term exact in fp32. On AMX that beats fp32
 // FMAs on widened halves, which is what oneDNN's fp16 brgemm does on AVX512-FP16: Sapphire
-// Rapids, 2 threads, the README's shapes took 0.85-1.21x torch's fp16 GEMM split (4ef0ee7),
+// Rapids, 2 threads, the README's shapes took 0.53-1.01x torch's fp16 GEMM split (04b4414),
 // 1.04-1.71x through that brgemm (5feb924).
 bool splits_halves() {
   static const bool split = !brgemm_multiplies(at::kHalf) && brgemm_multiplies(at::kBFloat16) &&

@@ -202,9 +202,9 @@ __mmask32 first_halves(int64_t count) {
   return count >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << count) - 1);
 }
 
-// Loops that stream the weight from memory fetch this far ahead: the hardware prefetcher alone
-// left their loads waiting (split_half took Llama-3.2-1B-like N = 1 from 1.4x torch's fp16 GEMM
-// to 0.8-1.0x so; Sapphire Rapids, 2 threads).
+// split_half streams the weight from memory and fetches this far ahead: the hardware prefetcher
+// alone left its loads waiting (Llama-3.2-1B-like N = 1 went from 1.4x torch's fp16 GEMM to
+// 0.8-1.0x so; Sapphire Rapids, 2 threads).
 constexpr int64_t kPrefetchHalves = 2048;
 
 bool split_half(const c10::Half* x, int64_t ld_x, int64_t rows, int64_t count,
