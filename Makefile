@@ -36,7 +36,8 @@ test: build
 	$(MAKE) test-levels
 	$(MAKE) cpp-test
 
-# The op tests again under each lower x86 level this CPU runs (the kernels pick one at load time).
+# The op tests again under each lower x86 level this CPU runs (the kernels pick one at load time),
+# and with oneDNN capped below AMX (the bf16 path of AVX512-BF16 CPUs such as Zen 4).
 test-levels: build
 	for level in $$($(PY) -c 'import torch; levels = ["default", "avx2", "avx512"]; \
 	        best = torch.backends.cpu.get_cpu_capability().lower(); \
@@ -45,6 +46,9 @@ test-levels: build
 	    ATEN_CPU_CAPABILITY=$$level $(PY) -m pytest -q python_tests/test_ops.py \
 	        python_tests/test_distributed.py || exit 1; \
 	done
+	echo "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"
+	ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 $(PY) -m pytest -q python_tests/test_ops.py \
+	    python_tests/test_fuzz_ops.py
 
 cpp-test: setup
 	$(CMAKE) -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_BUILD_TYPE=Release \

@@ -28,7 +28,7 @@ X86_LEVELS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-               "-mamx-tile", "-mamx-bf16", "-DCPU_CAPABILITY_AVX512"],
+               "-DCPU_CAPABILITY_AVX512"],
 }
 SIMD_SOURCES = glob.glob("csrc/cpu/simd/*.cpp")
 ON_X86 = platform.machine().lower() in ("x86_64", "amd64")

@@ -96,7 +96,8 @@ cases = [dict(R=17, N=1, H=256, V=3001), dict(R=9, N=16, H=2000, V=700),
          dict(R=5, N=40, H=64, V=2000), dict(R=17, N=5, H=400, V=1500),
          dict(R=33, N=3, H=480, V=1200), dict(R=2, N=40, H=353, V=900),
          dict(R=31, N=1, H=131, V=999), dict(R=4, N=3, H=70, V=800),
-         dict(R=3, N=2, H=33, V=517), dict(R=2, N=7, H=16, V=100)]
+         dict(R=3, N=2, H=33, V=517), dict(R=2, N=7, H=16, V=100),
+         dict(R=33, N=1, H=512, V=1000), dict(R=16, N=4, H=256, V=701)]
 for c in cases:
     for strided in (False, True):
         R, N, H, V = c["R"], c["N"], c["H"], c["V"]
@@ -124,8 +125,10 @@ print(json.dumps(info))
 @pytest.mark.parametrize("onednn_isa", ["", "AVX512_CORE_BF16"],
                          ids=["best (AMX here when present)", "AVX512_CORE_BF16 (no AMX)"])
 def test_reduced_precision_through_brgemm_is_exact(dtype, onednn_isa):
-    """The brgemm path against the float64 reference; capping oneDNN at AVX512-BF16 runs the
-    path of CPUs with bf16 dot products but no AMX (AMD Zen 4, Intel Cooper Lake)."""
+    """The brgemm path, and the library's own kernels where the hidden rows are few (fp16 split
+    on AMX, bf16 on AVX512-BF16 dot products), against the float64 reference; capping oneDNN at
+    AVX512-BF16 runs the path of CPUs with bf16 dot products but no AMX (AMD Zen 4, Intel Cooper
+    Lake)."""
     env = {"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}
     if "brgemm" not in kernels_under(**env)[dtype]:
         pytest.skip(f"no brgemm for {dtype} on this CPU")
@@ -133,13 +136,22 @@ def test_reduced_precision_through_brgemm_is_exact(dtype, onednn_isa):
     assert "brgemm" in info[dtype]
 
 
-def test_bf16_takes_brgemm_where_the_cpu_multiplies_it():
-    """Where the CPU has AMX or AVX512-BF16, bf16 must not silently fall back to widening."""
+BF16_DOTS = "AVX512-BF16 dot products as the weight streams, brgemm for many rows"
+
+
+@pytest.mark.parametrize("onednn_isa", ["", "AVX512_CORE_BF16"],
+                         ids=["best (AMX here when present)", "AVX512_CORE_BF16 (no AMX)"])
+def test_bf16_takes_brgemm_where_the_cpu_multiplies_it(onednn_isa):
+    """Where the CPU has AMX or AVX512-BF16, bf16 must not silently fall back to widening: AMX
+    through brgemm; bf16 dot products without AMX through the library's kernel for few hidden
+    rows (one that failed its one-time check would fall back to brgemm, and show here)."""
     flags = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
         else {}
     if BEST != "AVX512" or not (flags.get("amx_bf16") or flags.get("avx512_bf16")):
         pytest.skip("needs AVX-512 with AMX or AVX512-BF16")
-    assert sled_ext.cpu_kernels()["bfloat16"] == "brgemm"
+    env = {"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}
+    amx = flags.get("amx_bf16") and not onednn_isa
+    assert kernels_under(**env)["bfloat16"] == ("brgemm" if amx else BF16_DOTS)
 
 
 def test_fp16_takes_amx_where_the_cpu_multiplies_bf16_there():

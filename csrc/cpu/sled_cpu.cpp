@@ -232,6 +232,39 @@ bool splits_in_product() {
 #endif
 }
 
+// Whether bf16 weights streamed past few hidden rows go through the library's AVX512-BF16 dot
+// products (bf16_dot_product) rather than brgemm: where brgemm multiplies bf16 on AVX512-BF16 but
+// not AMX (AMD Zen 4, Intel Cooper Lake; oneDNN capped at AVX512_CORE_BF16), and a small product,
+// exact in fp32, comes out right. brgemm there takes the hidden rows as B, padded to 32 columns.
+bool dots_bf16() {
+#if defined(SLED_X86_LEVELS)
+  static const bool ok = [] {
+    if (row_kernels().bf16_dot_product == nullptr || !__builtin_cpu_supports("avx512bf16") ||
+        !brgemm_multiplies(at::kBFloat16) || at::native::cpublas::could_pack(at::kBFloat16))
+      return false;
+    // Small integers: every sum exact. Two blocks of tokens, the second partial; two groups of
+    // hidden rows, the second partial; a partial step of depth.
+    constexpr int64_t rows = 20, H = 40, M = 30;
+    const at::Tensor w =
+        (at::arange(rows * H).mul(37).remainder(17) - 8).view({rows, H}).to(at::kBFloat16);
+    const at::Tensor h = (at::arange(M * H).view({M, H}).remainder(7) - 3).to(at::kBFloat16);
+    constexpr int64_t columns = 32;
+    at::Tensor packed = at::empty({H / 2, columns, 2}, at::kBFloat16);
+    pack_b(at::cat({h, at::zeros({columns - M, H}, at::kBFloat16)}), packed);
+    at::Tensor scratch = at::empty({round_up(H / 2, 16) * 32}, at::kBFloat16);
+    at::Tensor out = at::full({M, rows}, NAN, at::kFloat);
+    row_kernels().bf16_dot_product(w.const_data_ptr<c10::BFloat16>(), H, rows, H,
+                                   packed.const_data_ptr<c10::BFloat16>(), M, columns,
+                                   out.data_ptr<float>(), rows,
+                                   scratch.data_ptr<c10::BFloat16>());
+    return at::equal(out, at::mm(h.to(at::kFloat), w.to(at::kFloat).t()));
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // How the logits of a tile come about: copied from the logits input, or a product of the hidden
 // rows [M, H] with the tile's weight rows in one of three ways.
 enum class Source {
@@ -263,6 +296,9 @@ constexpr int64_t kHiddenBlockBytes = 256 * 1024, kDepthStep = 32;
 // Packed hidden rows share each product's logits budget with the tile: past this many columns
 // the tile would be too narrow, and the weight tiles are packed instead.
 constexpr int64_t kMaxPackedColumns = kLogitsBudget / 128;
+// bf16_dot_product takes up to 16 hidden rows per pass over a block of weight rows; past 64 rows
+// brgemm's padding of them wastes little.
+constexpr int64_t kMaxDotRows = 64;
 
 // Whether the product of `rows` packed hidden rows, which comes out [tile, rows], is folded as it
 // is, a lane per row (fold_columns), rather than transposed and folded a lane per token. The
@@ -319,6 +355,7 @@ struct Projection {
   int64_t parts = 1;                    // operands per matrix: 2 for fp16 split into bf16
   bool packs_hidden = false;
   bool splits_in_product = false;  // fp16 weight tiles split as they stream (split_product)
+  bool dots = false;               // bf16 weight tiles read in place by bf16_dot_product
   bool folds_columns = false;      // the products' [tile, columns] logits folded as they are
   int64_t columns = 0;      // packed hidden rows per group, every part's (see packed_columns)
   int64_t depth_block = 0;  // depth per product of packed hidden rows (the last block less)
@@ -344,12 +381,14 @@ struct Projection {
         packs_hidden = all_columns * 2 <= H + H % 2 && all_columns <= kMaxPackedColumns;
         splits_in_product =
             split && packs_hidden && p.weight.stride(1) == 1 && sled::splits_in_product();
+        dots = dtype == at::kBFloat16 && packs_hidden && N * R <= kMaxDotRows && H % 2 == 0 &&
+               p.weight.stride(1) == 1 && p.weight.stride(0) % 2 == 0 && dots_bf16();
       }
     }
     group = packs_hidden ? N : std::min(N, group_positions(R, N));
     const int64_t rows = group * R;
     columns = packed_columns(parts * rows);
-    folds_columns = packs_hidden && fold_a_lane_per_row(rows);
+    folds_columns = packs_hidden && !dots && fold_a_lane_per_row(rows);
     groups = group > 0 ? (N + group - 1) / group : 0;
     depth = splits_in_product        ? round_up(H, kDepthStep)
             : source == Source::kPacked ? H + H % 2
@@ -374,6 +413,8 @@ struct Projection {
       case Source::kPacked:
         if (splits_in_product)  // the fp16 weight is read in place
           tile = tile_columns(columns, H * 2, false);
+        else if (dots)
+          tile = tile_columns(rows, H * 2, false);
         else
           tile = packs_hidden ? tile_columns(columns, row_bytes, parts > 1)
                               : tile_columns(rows, row_bytes, true);
@@ -431,11 +472,13 @@ class TileProjector {
         // The weight rows are read in place unless they are split, their depth must be padded
         // or their stride does not allow it.
         if (how.splits_in_product)
-          split_blocks_ = at::empty({kSplitProductScratch}, options);
+          kernel_scratch_ = at::empty({kSplitProductScratch}, options);
+        else if (how.dots)
+          kernel_scratch_ = at::empty({round_up(H / 2, 16) * 32}, options);
         else if (how.parts > 1 || how.depth != H || p.weight.stride(1) != 1 ||
                  p.weight.stride(0) % 2 != 0)
           weight_rows_ = at::zeros({how.parts, tile, how.depth}, options);
-        if (how.packs_hidden && !how.folds_columns)
+        if (how.packs_hidden && !how.folds_columns && !how.dots)
           transposed_ = at::empty({tile, how.columns}, at::kFloat);
         else if (!how.packs_hidden)
           packed_weight_ = at::empty({how.parts, how.depth * tile}, options);
@@ -490,6 +533,11 @@ class TileProjector {
       case Source::kPacked:
         if (!finite_split_)
           project_widened(row0, rows, logits);
+        else if (how_.dots)  // the weight tile read in place, the logits [rows, tile]
+          row_kernels().bf16_dot_product(
+              weight_[0].const_data_ptr<c10::BFloat16>(), weight_.stride(1), cols_, how_.depth,
+              hidden_[group].const_data_ptr<c10::BFloat16>(), rows, how_.columns, out, cols_,
+              kernel_scratch_.data_ptr<c10::BFloat16>());
         else if (how_.packs_hidden)
           project_onto_packed_hidden(group, rows, out);
         else
@@ -530,7 +578,7 @@ class TileProjector {
     } else if (!row_kernels().split_product(
                    weight_[0].const_data_ptr<c10::Half>(), weight_.stride(1), cols_,
                    p_.rows.size(2), packed.const_data_ptr<c10::BFloat16>(), columns, product,
-                   columns, split_blocks_.data_ptr<c10::BFloat16>())) {
+                   columns, kernel_scratch_.data_ptr<c10::BFloat16>())) {
       widen_tile();
       at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
       return project_widened(0, rows, logits);
@@ -569,7 +617,7 @@ class TileProjector {
   const Problem& p_;
   const Projection& how_;
   at::Tensor hidden_;
-  at::Tensor weight_rows_, packed_weight_, transposed_, split_blocks_;  // this thread's buffers
+  at::Tensor weight_rows_, packed_weight_, transposed_, kernel_scratch_;  // this thread's buffers
   at::Tensor weight_;                                    // the current tile: [parts, cols, depth]
   // False for a tile whose split met a NaN or an infinity (write_operands): it is multiplied
   // widened to fp32 instead.
@@ -774,6 +822,8 @@ std::string cpu_kernels(at::ScalarType dtype) {
   const char* projection = "widened to float32, sgemm";
   if (dtype == at::kFloat)
     projection = "sgemm";
+  else if (dtype == at::kBFloat16 && dots_bf16())
+    projection = "AVX512-BF16 dot products as the weight streams, brgemm for many rows";
   else if (brgemm_multiplies(dtype))
     projection = "brgemm";
   else if (dtype == at::kHalf && splits_in_product())

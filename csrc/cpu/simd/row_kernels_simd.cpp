@@ -7,7 +7,9 @@
 #include <c10/util/bit_cast.h>
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
+#include <utility>
 #endif
 
 #include <algorithm>
@@ -221,6 +223,11 @@ bool split_half(const c10::Half* x, int64_t ld_x, int64_t rows, int64_t count,
   return splitter.finite();
 }
 
+// The AMX and AVX512-BF16 code carries its instruction set per function, so that nothing else in
+// this copy (which runs on every AVX-512 CPU) can be compiled to it.
+#define SLED_AMX __attribute__((target("amx-tile,amx-bf16")))
+#define SLED_AVX512_BF16 __attribute__((target("avx512bf16")))
+
 // split_product on AMX. Tile registers: products 0-4 (16 rows x 16 fp32 columns each), the
 // weight block's hi and lo parts 5 and 6 (16 rows x 32 bf16), the hidden rows' B tile 7 (16 pairs
 // of depth x 16 columns); every tile 16 rows of 64 bytes.
@@ -229,7 +236,7 @@ constexpr int64_t kBlockRows = 16, kStepDepth = 32, kProductTiles = 5;
 // (a block of rows split whole went to L2, and its stores competed with the weight's loads).
 constexpr int64_t kChunkSteps = 4;
 
-void configure_tiles() {
+SLED_AMX void configure_tiles() {
   struct alignas(64) {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
@@ -248,26 +255,26 @@ void configure_tiles() {
     if ((tiles) > 4) STEP(4);              \
   } while (false)
 
-void zero_products(int64_t tiles) {
+SLED_AMX void zero_products(int64_t tiles) {
 #define SLED_ZERO(t) _tile_zero(t)
   SLED_FOR_PRODUCT_TILES(tiles, SLED_ZERO);
 #undef SLED_ZERO
 }
 
-void load_products(int64_t tiles, const float* out, int64_t out_stride) {
+SLED_AMX void load_products(int64_t tiles, const float* out, int64_t out_stride) {
 #define SLED_LOAD(t) _tile_loadd(t, out + (t) * 16, out_stride)
   SLED_FOR_PRODUCT_TILES(tiles, SLED_LOAD);
 #undef SLED_LOAD
 }
 
-void store_products(int64_t tiles, float* out, int64_t out_stride) {
+SLED_AMX void store_products(int64_t tiles, float* out, int64_t out_stride) {
 #define SLED_STORE(t) _tile_stored(t, out + (t) * 16, out_stride)
   SLED_FOR_PRODUCT_TILES(tiles, SLED_STORE);
 #undef SLED_STORE
 }
 
 // Products t < tiles += (hi + lo) x B tile t; b's tiles lie 16 columns apart.
-void multiply(int64_t tiles, const c10::BFloat16* b, int64_t b_stride) {
+SLED_AMX void multiply(int64_t tiles, const c10::BFloat16* b, int64_t b_stride) {
 #define SLED_MULTIPLY(t)                    \
   do {                                      \
     _tile_loadd(7, b + (t) * 32, b_stride); \
@@ -285,9 +292,9 @@ void multiply(int64_t tiles, const c10::BFloat16* b, int64_t b_stride) {
 // memory stream does not wait for the matrix unit (split first, multiplied after,
 // Llama-3.2-1B-like N = 1 took 1.2x torch's fp16 GEMM). Products stay in their registers over a
 // block's chunks when one pass covers all columns, else go through `out` between chunks.
-bool split_product(const c10::Half* w, int64_t ld_w, int64_t rows, int64_t H,
-                   const c10::BFloat16* b, int64_t columns, float* out, int64_t ld_out,
-                   c10::BFloat16* scratch) {
+SLED_AMX bool split_product(const c10::Half* w, int64_t ld_w, int64_t rows, int64_t H,
+                            const c10::BFloat16* b, int64_t columns, float* out,
+                            int64_t ld_out, c10::BFloat16* scratch) {
   const int64_t steps = (H + kStepDepth - 1) / kStepDepth;
   const int64_t block_chunks = (steps + kChunkSteps - 1) / kChunkSteps;
   const int64_t chunks = (rows + kBlockRows - 1) / kBlockRows * block_chunks;
@@ -360,6 +367,64 @@ bool split_product(const c10::Half* w, int64_t ld_w, int64_t rows, int64_t H,
   return splitter.finite();
 }
 
+// bf16_dot_product: 16 tokens' weight rows are turned, a step of 32 deep at a time, into pairs of
+// depth per token (a transpose of 32-bit words), and every hidden row's pair is broadcast against
+// them: each vdpbf16ps then serves 16 tokens, where brgemm's B of hidden rows padded to 32 columns
+// wasted up to half its dot products (R = 17: 15 of 32).
+constexpr int64_t kDotTokens = 16, kDotRows = 24;  // accumulators per pass: 24 of 32 registers
+
+// Accumulators for `Rows` hidden rows (pair p of row m at h[p * ld_h + m]) over all pairs of
+// depth, stored for the block's tokens. Meanwhile the next block's weight rows (`next`, row
+// stride ld_next bytes; null for none) are fetched into L2, a line per pair: as many as it has.
+template <int Rows>
+SLED_AVX512_BF16 void dot_rows(const uint32_t* turned, int64_t pairs, const uint32_t* h,
+                               int64_t ld_h, float* out, int64_t ld_out, __mmask16 tokens,
+                               const char* next, int64_t ld_next) {
+  __m512 acc[Rows];
+#pragma GCC unroll 24
+  for (int m = 0; m < Rows; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (next) _mm_prefetch(next + p % kDotTokens * ld_next + p / kDotTokens * 64, _MM_HINT_T1);
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(turned + p * kDotTokens);
+#pragma GCC unroll 24
+    for (int m = 0; m < Rows; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_set1_epi32(h[p * ld_h + m]));
+  }
+#pragma GCC unroll 24
+  for (int m = 0; m < Rows; ++m) _mm512_mask_storeu_ps(out + m * ld_out, tokens, acc[m]);
+}
+
+template <size_t... I>
+constexpr auto dot_rows_table(std::index_sequence<I...>) {
+  return std::array{&dot_rows<I + 1>...};
+}
+
+void bf16_dot_product(const c10::BFloat16* w, int64_t ld_w, int64_t rows, int64_t H,
+                      const c10::BFloat16* h, int64_t M, int64_t ld_h, float* out,
+                      int64_t ld_out, c10::BFloat16* scratch) {
+  static constexpr auto kDots = dot_rows_table(std::make_index_sequence<kDotRows>());
+  const int64_t pairs = H / 2;
+  const auto* words = reinterpret_cast<const float*>(w);  // pairs of depth as 32-bit words
+  auto* turned = reinterpret_cast<float*>(scratch);       // [pairs, 16 tokens]
+  const auto* h_words = reinterpret_cast<const uint32_t*>(h);
+  for (int64_t t0 = 0; t0 < rows; t0 += kDotTokens) {
+    const int tokens = static_cast<int>(std::min(kDotTokens, rows - t0));
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16)
+      at::vec::transpose_mxn_16x16(words + t0 * (ld_w / 2) + p0, ld_w / 2, turned + p0 * 16, 16,
+                                   tokens, static_cast<int>(std::min<int64_t>(16, pairs - p0)));
+    const __mmask16 valid = static_cast<__mmask16>((uint32_t{1} << tokens) - 1);
+    // passes of equal size: 17 rows as one, 33 as 17 + 16
+    const int64_t passes = (M + kDotRows - 1) / kDotRows, per_pass = (M + passes - 1) / passes;
+    const char* next = t0 + kDotTokens < rows
+                           ? reinterpret_cast<const char*>(w + (t0 + kDotTokens) * ld_w)
+                           : nullptr;
+    for (int64_t m0 = 0; m0 < M; m0 += per_pass)
+      kDots[std::min(per_pass, M - m0) - 1](reinterpret_cast<const uint32_t*>(turned), pairs,
+                                            h_words + m0, ld_h, out + m0 * ld_out + t0, ld_out,
+                                            valid, m0 == 0 ? next : nullptr, ld_w * 2);
+  }
+}
+
 // Lanes over rows instead of tokens: each lane folds one row's tokens in order, 16 rows at a time,
 // straight from the [token, row] layout brgemm writes when the hidden rows are its packed operand
 // (folding row-major needed that product transposed: a tenth of SmolLM2-like N = 8 in bf16).
@@ -418,11 +483,11 @@ const RowKernels& row_kernels() {
                                   clear_lanes, fold_row, merge_lanes, postprocess,
                                   softmax_stats, evolve_row, transpose,
 #if defined(CPU_CAPABILITY_AVX512)
-                                  split_half, fold_columns, split_product
+                                  split_half, fold_columns, split_product, bf16_dot_product
 #else
                                   // only brgemm and AMX split halves or leave the logits
                                   // column-wise, and they need AVX-512
-                                  nullptr, nullptr, nullptr
+                                  nullptr, nullptr, nullptr, nullptr
 #endif
   };
   return kernels;
