@@ -513,6 +513,22 @@ def test_many_packed_rows_over_a_large_vocab(device):
     assert_matches_reference(out, expected, 10, LB)
 
 
+@pytest.mark.parametrize("R,N,H", [(12, 1, 64), (16, 1, 100), (3, 8, 33), (31, 1, 576),
+                                   (18, 2, 70), (16, 3, 128), (7, 7, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_sgemm_rows_fold_a_lane_per_row(device, R, N, H, dtype):
+    """12-48 rows filling 3/4 of the vector lanes, multiplied by sgemm (float32; float16 where
+    there is no brgemm for it): on AVX-512 CPUs the product comes out [tile, rows] and is folded a
+    lane per row; 49 rows (7 x 7) do not. Bias and soft-capping on, a vocab that ends mid-tile and
+    mid-vector."""
+    hidden, weight, bias = make_inputs(R, N, H, 5003, dtype, True, device)
+    kwargs = dict(evolution_scale=20, iterations=3, softcap=30.0)
+    out = sled_ext.evolve(hidden, weight, bias, evolution_lower_bound=LB, **kwargs)
+    expected = ref.evolve(hidden.cpu(), weight.cpu(), bias.cpu(), 20, 2.0, LB, iterations=3,
+                          softcap=30.0, dtype=torch.float64)
+    assert_matches_reference(out, expected, 20, LB)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_rejects_more_rows_than_it_stages():
     with pytest.raises(ValueError, match="at most 128 stacked rows"):
