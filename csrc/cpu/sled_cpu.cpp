@@ -280,7 +280,10 @@ constexpr int64_t kLogitsBudget = 64 * 1024;
 constexpr int64_t kPanelBytesInPlace = 4 << 20, kPanelBytesBuffered = 1 << 20;
 // Many positions are projected in groups, so that tiles stay wide: a narrow tile re-reads all the
 // hidden rows for few tokens (at R * N = 2883 rows, 16-column tiles made the op twice the GEMM).
-constexpr int64_t kMinGroupColumns = 512;
+// sgemm prefers more rows per product and narrower tiles: 256 columns took TinyLlama-like N = 8
+// in fp32 from 1.11x torch's GEMM to 1.00x, Llama-3.2-1B-like from 1.00x to 0.84x (paired, one
+// session); for brgemm they made SmolLM2-like N = 93 in bf16 0.94x instead of 0.83x.
+constexpr int64_t kMinGroupColumns = 512, kMinSgemmGroupColumns = 256;
 // A chunk's tokens are carried as floats in the vector lanes (row_kernels.h): at most 2^24.
 constexpr int64_t kMaxChunkTokens = int64_t{1} << 24;
 // Packed hidden rows are padded to a multiple of an AMX tile of brgemm's B (16 columns), and to
@@ -322,9 +325,9 @@ int64_t packed_columns(int64_t rows) {
 
 // Positions per group: all of them when their rows leave tiles wide enough, else as many as do.
 // Equal groups, so no group is a narrow remainder.
-int64_t group_positions(int64_t R, int64_t N) {
+int64_t group_positions(int64_t R, int64_t N, int64_t min_columns) {
   const int64_t most =
-      std::clamp<int64_t>(kLogitsBudget / (R * kMinGroupColumns), 1, std::max<int64_t>(N, 1));
+      std::clamp<int64_t>(kLogitsBudget / (R * min_columns), 1, std::max<int64_t>(N, 1));
   const int64_t groups = (N + most - 1) / most;
   return std::max<int64_t>((N + groups - 1) / std::max<int64_t>(groups, 1), 1);
 }
@@ -391,10 +394,12 @@ struct Projection {
                p.weight.stride(1) == 1 && p.weight.stride(0) % 2 == 0 && dots_bf16();
       }
     }
-    group = packs_hidden ? N : std::min(N, group_positions(R, N));
+    const bool sgemm = source == Source::kFloat || source == Source::kWidened;
+    group = packs_hidden ? N
+                         : std::min(N, group_positions(R, N, sgemm ? kMinSgemmGroupColumns
+                                                                   : kMinGroupColumns));
     const int64_t rows = group * R;
     columns = packed_columns(parts * rows);
-    const bool sgemm = source == Source::kFloat || source == Source::kWidened;
     folds_columns = fold_a_lane_per_row(rows) &&
                     ((packs_hidden && !dots) ||
                      (sgemm && group == N && rows <= kMaxSgemmColumnRows));
