@@ -208,8 +208,10 @@ bool splits_in_product() {
     // Halves with lo parts (k / 1024, |k| < 2^11) times small integers: every sum exact. Two
     // blocks of weight rows, the second partial, and a partial step of depth.
     constexpr int64_t rows = 20, H = 40, n = 3, depth = 64, columns = 32;
-    const at::Tensor w =
-        (at::arange(rows * H).mul(37).remainder(4093) - 2046).div(1024.).view({rows, H}).to(at::kHalf);
+    const at::Tensor w = (at::arange(rows * H).mul(37).remainder(4093) - 2046)
+                             .div(1024.)
+                             .view({rows, H})
+                             .to(at::kHalf);
     const at::Tensor h = (at::arange(n * H).view({n, H}).remainder(7) - 3).to(at::kHalf);
     at::Tensor parts = at::zeros({2, n, depth}, at::kBFloat16);
     write_operands(h, parts);
@@ -353,12 +355,14 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 // fp16 split into bf16 parts (splits_halves) multiplies every part of A by every part of B. Packed
 // hidden rows hold their parts side by side as columns, so that one product per part of the
 // weight serves both and less padding is multiplied (R = 33: 80 columns instead of 2 x 48); the
-// two halves of its result are then added.
+// two halves of its result are then added. With packed hidden rows, two of the library's kernels
+// take brgemm's place where they run (each one-time checked): split_product for fp16 split on
+// AMX, bf16_dot_product for at most kMaxDotRows bf16 rows without AMX.
 struct Projection {
   Source source;
   int64_t group;   // positions per product
   int64_t groups;  // products per tile: ceil(N / group), 0 for an empty batch
-  int64_t depth;   // H, rounded up to even for brgemm (zero-padded)
+  int64_t depth;   // H, rounded up for brgemm (to even) and split_product (to 32), zero-padded
   int64_t tile;    // weight rows per tile
   at::ScalarType operand = at::kFloat;  // what the products multiply: fp32, bf16 or fp16
   int64_t parts = 1;                    // operands per matrix: 2 for fp16 split into bf16
@@ -483,8 +487,9 @@ class TileProjector {
         weight_rows_ = at::empty({1, tile, H}, options);
         break;
       case Source::kPacked:
-        // The weight rows are read in place unless they are split, their depth must be padded
-        // or their stride does not allow it.
+        // The weight rows are read in place unless they are split into a buffer, their depth
+        // must be padded or their stride does not allow it; the library's kernels read them in
+        // place into their own scratch.
         if (how.splits_in_product)
           kernel_scratch_ = at::empty({kSplitProductScratch}, options);
         else if (how.dots)

@@ -485,8 +485,8 @@ const RowKernels& row_kernels() {
 #if defined(CPU_CAPABILITY_AVX512)
                                   split_half, fold_columns, split_product, bf16_dot_product
 #else
-                                  // only brgemm and AMX split halves or leave the logits
-                                  // column-wise, and they need AVX-512
+                                  // the split, the column fold and the library's products
+                                  // need AVX-512
                                   nullptr, nullptr, nullptr, nullptr
 #endif
   };
