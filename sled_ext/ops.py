@@ -69,11 +69,12 @@ def cpu_kernels():
     chosen at load time (``ATEN_CPU_CAPABILITY=default|avx2`` forces a lower one); per weight
     dtype, how the vocab head is projected: ``"sgemm"`` (float32 BLAS), ``"brgemm"`` (oneDNN's
     micro-kernel on the CPU's bf16/fp16 matrix or dot-product units, float32 accumulation),
-    ``"widened to float32, sgemm"``, or for float16 on CPUs with AMX for bf16 only, each half split
-    exactly into bf16 hi + lo parts: ``"split into bfloat16 hi + lo: AMX as the weight streams,
-    brgemm for many rows"`` (the library's own AMX kernel where the hidden rows are few; a kernel
-    that fails its one-time check on a small exact product is not used) or ``"brgemm, split into
-    bfloat16 hi + lo"``."""
+    ``"widened to float32, sgemm"``; for bfloat16 on CPUs with AVX512-BF16 but no AMX,
+    ``"AVX512-BF16 dot products as the weight streams, brgemm for many rows"``; for float16 on CPUs
+    with AMX for bf16 only, each half split exactly into bf16 hi + lo parts: ``"split into bfloat16
+    hi + lo: AMX as the weight streams, brgemm for many rows"`` or ``"brgemm, split into bfloat16
+    hi + lo"``. "As the weight streams" names the library's own kernels, used where the hidden
+    rows are few; one that fails its one-time check on a small exact product is not used."""
     info = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         info["level"], info[str(dtype).removeprefix("torch.")] = \
