@@ -15,6 +15,9 @@ namespace sled {
 
 // bf16 elements of split_product's scratch: two chunks of 16 rows x 128 depth, both parts.
 constexpr int64_t kSplitProductScratch = 2 * 2 * 16 * 128;
+// bf16 elements of bf16_dot_product's scratch for depth H: 16 tokens' pairs of depth, the pairs
+// rounded up to 16.
+constexpr int64_t dot_product_scratch(int64_t H) { return (H / 2 + 15) / 16 * 16 * 32; }
 
 struct RowKernels {
   const char* level;  // "DEFAULT", "AVX2" or "AVX512"
@@ -73,8 +76,8 @@ struct RowKernels {
   // out [M, rows] (row stride ld_out) = the bf16 hidden rows h, packed as brgemm's B ([H / 2,
   // ld_h, 2]: row m's pair p of depth at word p * ld_h + m), times the bf16 weight rows w [rows,
   // H] (unit column stride, row stride ld_w; H and ld_w even), transposed, on AVX512-BF16 dot
-  // products in fp32. `scratch` holds 32 bf16 per pair of depth, the pairs rounded up to 16.
-  // AVX512 only (null below it); needs AVX512-BF16.
+  // products in fp32. `scratch` holds dot_product_scratch(H) bf16. AVX512 only (null below it);
+  // needs AVX512-BF16.
   void (*bf16_dot_product)(const c10::BFloat16* w, int64_t ld_w, int64_t rows, int64_t H,
                            const c10::BFloat16* h, int64_t M, int64_t ld_h, float* out,
                            int64_t ld_out, c10::BFloat16* scratch);

@@ -253,7 +253,7 @@ bool dots_bf16() {
     constexpr int64_t columns = 32;
     at::Tensor packed = at::empty({H / 2, columns, 2}, at::kBFloat16);
     pack_b(at::cat({h, at::zeros({columns - M, H}, at::kBFloat16)}), packed);
-    at::Tensor scratch = at::empty({round_up(H / 2, 16) * 32}, at::kBFloat16);
+    at::Tensor scratch = at::empty({dot_product_scratch(H)}, at::kBFloat16);
     at::Tensor out = at::full({M, rows}, NAN, at::kFloat);
     row_kernels().bf16_dot_product(w.const_data_ptr<c10::BFloat16>(), H, rows, H,
                                    packed.const_data_ptr<c10::BFloat16>(), M, columns,
@@ -493,7 +493,7 @@ class TileProjector {
         if (how.splits_in_product)
           kernel_scratch_ = at::empty({kSplitProductScratch}, options);
         else if (how.dots)
-          kernel_scratch_ = at::empty({round_up(H / 2, 16) * 32}, options);
+          kernel_scratch_ = at::empty({dot_product_scratch(H)}, options);
         else if (how.parts > 1 || how.depth != H || p.weight.stride(1) != 1 ||
                  p.weight.stride(0) % 2 != 0)
           weight_rows_ = at::zeros({how.parts, tile, how.depth}, options);
@@ -537,26 +537,20 @@ class TileProjector {
 
   // Group `group` of positions: rows [row0, row0 + rows) of the position-major hidden rows.
   void project(int64_t group, int64_t row0, int64_t rows, float* out) {
-    at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
     switch (how_.source) {
       case Source::kLogits: {
         const int64_t R = p_.num_rows;
-        logits.view({rows / R, R, cols_})
+        at::from_blob(out, {rows / R, R, cols_}, at::kFloat)
             .copy_(p_.rows.narrow(1, row0 / R, rows / R).narrow(2, v0_, cols_).transpose(0, 1));
         break;
       }
       case Source::kFloat:
       case Source::kWidened:
-        if (how_.folds_columns) {
-          at::Tensor columns = at::from_blob(out, {cols_, rows}, {how_.columns, 1}, at::kFloat);
-          at::mm_out(columns, weight_[0], hidden_.narrow(0, row0, rows).t());
-        } else {
-          at::mm_out(logits, hidden_.narrow(0, row0, rows), weight_[0].t());
-        }
+        sgemm(weight_[0], hidden_.narrow(0, row0, rows), out);
         break;
       case Source::kPacked:
         if (!finite_split_)
-          project_widened(row0, rows, logits);
+          project_widened(row0, rows, out);
         else if (how_.dots)  // the weight tile read in place, the logits [rows, tile]
           row_kernels().bf16_dot_product(
               weight_[0].const_data_ptr<c10::BFloat16>(), weight_.stride(1), cols_, how_.depth,
@@ -604,8 +598,7 @@ class TileProjector {
                    p_.rows.size(2), packed.const_data_ptr<c10::BFloat16>(), columns, product,
                    columns, kernel_scratch_.data_ptr<c10::BFloat16>())) {
       widen_tile();
-      at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
-      return project_widened(0, rows, logits);
+      return project_widened(0, rows, out);
     }
     const int64_t part_offset = how_.group * p_.num_rows;
     for (int64_t part = 1; part < how_.parts; ++part) {
@@ -618,14 +611,20 @@ class TileProjector {
   }
 
   // A tile the split cannot take (load_tile), widened, in the layout the other products write.
-  void project_widened(int64_t row0, int64_t rows, at::Tensor& logits) const {
-    const at::Tensor hidden = widened_hidden_.narrow(0, row0, rows);
+  void project_widened(int64_t row0, int64_t rows, float* out) const {
+    sgemm(widened_tile_, widened_hidden_.narrow(0, row0, rows), out);
+  }
+
+  // out = the fp32 weight tile [cols, H] times the fp32 hidden rows [rows, H] by sgemm, in the
+  // layout the fold reads: [rows, tile], or [tile, columns] when it folds a lane per row.
+  void sgemm(const at::Tensor& tile, const at::Tensor& hidden, float* out) const {
+    const int64_t rows = hidden.size(0);
     if (how_.folds_columns) {
-      at::Tensor columns =
-          at::from_blob(logits.data_ptr(), {cols_, rows}, {how_.columns, 1}, at::kFloat);
-      at::mm_out(columns, widened_tile_, hidden.t());
+      at::Tensor columns = at::from_blob(out, {cols_, rows}, {how_.columns, 1}, at::kFloat);
+      at::mm_out(columns, tile, hidden.t());
     } else {
-      at::mm_out(logits, hidden, widened_tile_.t());
+      at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
+      at::mm_out(logits, hidden, tile.t());
     }
   }
 

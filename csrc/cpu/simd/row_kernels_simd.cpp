@@ -407,14 +407,14 @@ void bf16_dot_product(const c10::BFloat16* w, int64_t ld_w, int64_t rows, int64_
   const auto* words = reinterpret_cast<const float*>(w);  // pairs of depth as 32-bit words
   auto* turned = reinterpret_cast<float*>(scratch);       // [pairs, 16 tokens]
   const auto* h_words = reinterpret_cast<const uint32_t*>(h);
+  // passes of equal size: 17 rows as one, 33 as 17 + 16
+  const int64_t passes = (M + kDotRows - 1) / kDotRows, per_pass = (M + passes - 1) / passes;
   for (int64_t t0 = 0; t0 < rows; t0 += kDotTokens) {
     const int tokens = static_cast<int>(std::min(kDotTokens, rows - t0));
     for (int64_t p0 = 0; p0 < pairs; p0 += 16)
       at::vec::transpose_mxn_16x16(words + t0 * (ld_w / 2) + p0, ld_w / 2, turned + p0 * 16, 16,
                                    tokens, static_cast<int>(std::min<int64_t>(16, pairs - p0)));
     const __mmask16 valid = static_cast<__mmask16>((uint32_t{1} << tokens) - 1);
-    // passes of equal size: 17 rows as one, 33 as 17 + 16
-    const int64_t passes = (M + kDotRows - 1) / kDotRows, per_pass = (M + passes - 1) / passes;
     const char* next = t0 + kDotTokens < rows
                            ? reinterpret_cast<const char*>(w + (t0 + kDotTokens) * ld_w)
                            : nullptr;
