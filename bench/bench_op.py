@@ -36,7 +36,7 @@ Defaults:  CPU   shapes llama-3.2-1b, tinyllama, llama-3-8b; N 1 8; k 10 75; flo
                  and float16; 5 repeats, 1 for the reference. About an hour on 2 cores
                  (--no-memory --reference-limit-gb 0: fused, gemm and unfused only, ~15 min).
 The header names the CPU, torch's ISA level and what the op runs there (sled_ext.cpu_kernels():
-the level of its vector loops and, per dtype, sgemm, brgemm or widened-to-fp32 sgemm).
+the level of its vector loops and, per dtype, how the vocab head is projected).
            CUDA  llama-3-8b, bfloat16; N 1 8 32; k 10 75; 20 repeats, 3 for the reference.
 --quick: tinyllama and k 10 only, 3 repeats (about 1.5 minutes on 2 CPU cores).
 Explicit flags override both. Results go to --json, by default

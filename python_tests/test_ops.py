@@ -514,12 +514,16 @@ def test_many_packed_rows_over_a_large_vocab(device):
 
 
 @pytest.mark.parametrize("R,N,H", [(12, 1, 64), (16, 1, 100), (3, 8, 33), (31, 1, 576),
-                                   (18, 2, 70), (16, 3, 128), (7, 7, 40)])
+                                   (18, 2, 70), (16, 3, 128), (7, 7, 40), (2, 1, 50), (5, 1, 17),
+                                   (17, 1, 96), (23, 1, 65), (11, 3, 40), (2, 17, 24),
+                                   (24, 2, 31)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_few_sgemm_rows_fold_a_lane_per_row(device, R, N, H, dtype):
-    """12-48 rows filling 3/4 of the vector lanes, multiplied by sgemm (float32; float16 where
-    there is no brgemm for it): on AVX-512 CPUs the product comes out [tile, rows] and is folded a
-    lane per row; 49 rows (7 x 7) do not. Bias and soft-capping on, a vocab that ends mid-tile and
+def test_few_float_rows_go_through_float_product(device, R, N, H, dtype):
+    """At most 48 float32 rows (float16 too where there is no brgemm for it): on AVX-512 CPUs
+    float_product multiplies them, 1-3 vectors of hidden rows against blocks of 24 / 12 / 8 tokens
+    and the blocks' remainders; its [tile, columns] product is folded a lane per row where the
+    rows fill 3/4 of the lanes (12, 16, 24, 31, 36, 48 rows), else turned back (2, 5, 17, 23, 33,
+    34); 49 rows (7 x 7) go to sgemm. Bias and soft-capping on, a vocab that ends mid-tile and
     mid-vector."""
     hidden, weight, bias = make_inputs(R, N, H, 5003, dtype, True, device)
     kwargs = dict(evolution_scale=20, iterations=3, softcap=30.0)

@@ -64,17 +64,21 @@ def combine(stats, argmax, values, tokens, premature, *, evolution_scale=10):
 
 
 def cpu_kernels():
-    """What the CPU backend runs on this machine: ``{"level": "AVX512", "float32": "sgemm",
-    "bfloat16": "brgemm", "float16": ...}``. ``level`` is the instruction set of its vector loops,
-    chosen at load time (``ATEN_CPU_CAPABILITY=default|avx2`` forces a lower one); per weight
-    dtype, how the vocab head is projected: ``"sgemm"`` (float32 BLAS), ``"brgemm"`` (oneDNN's
-    micro-kernel on the CPU's bf16/fp16 matrix or dot-product units, float32 accumulation),
-    ``"widened to float32, sgemm"``; for bfloat16 on CPUs with AVX512-BF16 but no AMX,
+    """What the CPU backend runs on this machine: ``{"level": "AVX512", "float32": "AVX512 FMAs
+    as the weight streams, sgemm for many rows", "bfloat16": "brgemm", "float16": ...}``.
+    ``level`` is the instruction set of its vector loops, chosen at load time
+    (``ATEN_CPU_CAPABILITY=default|avx2`` forces a lower one); per weight dtype, how the vocab head
+    is projected: ``"<level> FMAs as the weight streams, sgemm for many rows"`` (float32: the
+    library's kernel for at most 48 hidden rows, BLAS beyond; ``"sgemm"`` alone at DEFAULT),
+    ``"brgemm"`` (oneDNN's micro-kernel on the CPU's bf16/fp16 matrix or dot-product units,
+    float32 accumulation), ``"widened to float32, "`` + the float32 one; for bfloat16 on CPUs with
+    AVX512-BF16 but no AMX,
     ``"AVX512-BF16 dot products as the weight streams, brgemm for many rows"``; for float16 on CPUs
     with AMX for bf16 only, each half split exactly into bf16 hi + lo parts: ``"split into bfloat16
     hi + lo: AMX as the weight streams, brgemm for many rows"`` or ``"brgemm, split into bfloat16
     hi + lo"``. "As the weight streams" names the library's own kernels, used where the hidden
-    rows are few; one that fails its one-time check on a small exact product is not used."""
+    rows are few; the AMX and AVX512-BF16 ones only where they pass a one-time check on a small
+    exact product."""
     info = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         info["level"], info[str(dtype).removeprefix("torch.")] = \

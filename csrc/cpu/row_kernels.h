@@ -18,6 +18,8 @@ constexpr int64_t kSplitProductScratch = 2 * 2 * 16 * 128;
 // bf16 elements of bf16_dot_product's scratch for depth H: 16 tokens' pairs of depth, the pairs
 // rounded up to 16.
 constexpr int64_t dot_product_scratch(int64_t H) { return (H / 2 + 15) / 16 * 16 * 32; }
+// Hidden rows float_product multiplies at most: three AVX-512 vectors of them, six AVX2 ones.
+constexpr int64_t kMaxFloatProductRows = 48;
 
 struct RowKernels {
   const char* level;  // "DEFAULT", "AVX2" or "AVX512"
@@ -81,6 +83,12 @@ struct RowKernels {
   void (*bf16_dot_product)(const c10::BFloat16* w, int64_t ld_w, int64_t rows, int64_t H,
                            const c10::BFloat16* h, int64_t M, int64_t ld_h, float* out,
                            int64_t ld_out, c10::BFloat16* scratch);
+  // out [rows, M rounded up to the lanes] (row stride ld_out) = the fp32 weight rows w [rows, H]
+  // (unit column stride, row stride ld_w) times M <= kMaxFloatProductRows hidden rows, transposed
+  // and padded: h [H, ld_h], row m's element k at h[k * ld_h + m], the columns past M up to the
+  // lanes readable (their zeros give zeros). AVX2 and AVX512 (null at DEFAULT).
+  void (*float_product)(const float* w, int64_t ld_w, int64_t rows, int64_t H, const float* h,
+                        int64_t M, int64_t ld_h, float* out, int64_t ld_out);
 };
 
 // The copies that were compiled (row_kernels_simd.cpp) and the one this CPU runs.

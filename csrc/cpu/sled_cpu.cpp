@@ -271,8 +271,8 @@ bool dots_bf16() {
 // rows [M, H] with the tile's weight rows in one of three ways.
 enum class Source {
   kLogits,   // the logits form: copied
-  kFloat,    // fp32 weights read in place by BLAS (sgemm)
-  kWidened,  // other weights widened to fp32 one tile at a time, then sgemm
+  kFloat,    // fp32 weights read in place by BLAS (sgemm), or by float_product for few rows
+  kWidened,  // other weights widened to fp32 one tile at a time, then as kFloat
   kPacked,   // bf16/fp16 weights and hidden rows multiplied by brgemm (see Projection)
 };
 
@@ -301,12 +301,6 @@ constexpr int64_t kHiddenBlockBytes = 256 * 1024, kDepthStep = 32;
 // Packed hidden rows share each product's logits budget with the tile: past this many columns
 // the tile would be too narrow, and the weight tiles are packed instead.
 constexpr int64_t kMaxPackedColumns = kLogitsBudget / 128;
-// Few hidden rows multiplied by sgemm come out faster as [tile, rows] (weight tile times hidden
-// rows) than as [rows, tile]: MKL then does not pack the weight tile (in the other orientation half
-// the op's time in SmolLM2-like N = 1, fp32). One thread, per tile, [rows, tile] against
-// [tile, rows]: 31 rows (H = 576) 14.3 against 11.6 ms, 31 (H = 2048) 28.5 / 25.0, 48 17.9 /
-// 15.5; but 64 rows 20.1 / 21.2, 92 53.1 / 63.2.
-constexpr int64_t kMaxSgemmColumnRows = 48;
 // bf16_dot_product takes up to 24 hidden rows per pass over a block of weight rows; past 64 rows
 // brgemm's padding of them wastes little.
 constexpr int64_t kMaxDotRows = 64;
@@ -357,7 +351,9 @@ int64_t tile_columns(int64_t rows, int64_t column_bytes, bool buffered) {
 // weight serves both and less padding is multiplied (R = 33: 80 columns instead of 2 x 48); the
 // two halves of its result are then added. With packed hidden rows, two of the library's kernels
 // take brgemm's place where they run (each one-time checked): split_product for fp16 split on
-// AMX, bf16_dot_product for at most kMaxDotRows bf16 rows without AMX.
+// AMX, bf16_dot_product for at most kMaxDotRows bf16 rows without AMX. In fp32, sgemm gives way
+// to float_product for at most kMaxFloatProductRows rows, all in one group: the hidden rows are
+// transposed once per call ([H, columns]) and the product comes out [tile, columns].
 struct Projection {
   Source source;
   int64_t group;   // positions per product
@@ -369,6 +365,7 @@ struct Projection {
   bool packs_hidden = false;
   bool splits_in_product = false;  // fp16 weight tiles split as they stream (split_product)
   bool dots = false;               // bf16 weight tiles read in place by bf16_dot_product
+  bool float_product = false;      // fp32 weight tiles times few hidden rows by float_product
   bool folds_columns = false;      // the products' [tile, columns] logits folded as they are
   int64_t columns = 0;      // packed hidden rows per group, every part's (see packed_columns)
   int64_t depth_block = 0;  // depth per product of packed hidden rows (the last block less)
@@ -403,10 +400,10 @@ struct Projection {
                          : std::min(N, group_positions(R, N, sgemm ? kMinSgemmGroupColumns
                                                                    : kMinGroupColumns));
     const int64_t rows = group * R;
-    columns = packed_columns(parts * rows);
-    folds_columns = fold_a_lane_per_row(rows) &&
-                    ((packs_hidden && !dots) ||
-                     (sgemm && group == N && rows <= kMaxSgemmColumnRows));
+    float_product = sgemm && group == N && rows <= kMaxFloatProductRows &&
+                    row_kernels().float_product != nullptr;
+    columns = float_product ? round_up(rows, row_kernels().lanes) : packed_columns(parts * rows);
+    folds_columns = fold_a_lane_per_row(rows) && ((packs_hidden && !dots) || float_product);
     groups = group > 0 ? (N + group - 1) / group : 0;
     depth = splits_in_product        ? round_up(H, kDepthStep)
             : source == Source::kPacked ? H + H % 2
@@ -447,13 +444,20 @@ at::Tensor position_major(const Problem& p) {
   return p.rows.transpose(0, 1).reshape({p.num_rows * p.positions, p.rows.size(2)});
 }
 
-// The hidden rows as the products read them, position-major: [M, H] fp32 for sgemm; for brgemm
-// [parts, M, depth], or, when they are the packed operand, each group's rows packed as B,
-// [groups, depth / 2, columns, 2]: part p's rows from column p * group * R, zero-padded.
+// The hidden rows as the products read them, position-major: [M, H] fp32 for sgemm, transposed
+// and zero-padded [H, columns] for float_product; for brgemm [parts, M, depth], or, when they are
+// the packed operand, each group's rows packed as B, [groups, depth / 2, columns, 2]: part p's
+// rows from column p * group * R, zero-padded.
 at::Tensor hidden_rows(const Problem& p, const Projection& how) {
   if (how.source == Source::kLogits) return at::Tensor();
   const int64_t R = p.num_rows, M = R * p.positions;
   const at::Tensor rows = position_major(p);
+  if (how.float_product) {
+    at::Tensor transposed =
+        at::zeros({rows.size(1), how.columns}, rows.options().dtype(at::kFloat));
+    transposed.narrow(1, 0, M).copy_(rows.t());
+    return transposed;
+  }
   if (how.source != Source::kPacked) return rows.to(at::kFloat).contiguous();
   const auto options = rows.options().dtype(how.operand);
   at::Tensor operands = at::zeros({how.parts, M, how.depth}, options);
@@ -485,6 +489,10 @@ class TileProjector {
     switch (how.source) {
       case Source::kWidened:
         weight_rows_ = at::empty({1, tile, H}, options);
+        [[fallthrough]];
+      case Source::kFloat:
+        if (how.float_product && !how.folds_columns)
+          transposed_ = at::empty({tile, how.columns}, at::kFloat);
         break;
       case Source::kPacked:
         // The weight rows are read in place unless they are split into a buffer, their depth
@@ -503,7 +511,6 @@ class TileProjector {
           packed_weight_ = at::empty({how.parts, how.depth * tile}, options);
         break;
       case Source::kLogits:
-      case Source::kFloat:
         break;
     }
   }
@@ -546,7 +553,10 @@ class TileProjector {
       }
       case Source::kFloat:
       case Source::kWidened:
-        sgemm(weight_[0], hidden_.narrow(0, row0, rows), out);
+        if (how_.float_product)
+          multiply_floats(rows, out);
+        else
+          sgemm(weight_[0], hidden_.narrow(0, row0, rows), out);
         break;
       case Source::kPacked:
         if (!finite_split_)
@@ -626,6 +636,17 @@ class TileProjector {
       at::Tensor logits = at::from_blob(out, {rows, cols_}, at::kFloat);
       at::mm_out(logits, hidden, tile.t());
     }
+  }
+
+  // The fp32 weight tile, read in place, times all hidden rows (transposed) by float_product,
+  // whose [tile, columns] product is turned back into [rows, tile] unless it is folded as it is.
+  void multiply_floats(int64_t rows, float* out) const {
+    float* product = how_.folds_columns ? out : transposed_.data_ptr<float>();
+    row_kernels().float_product(weight_[0].const_data_ptr<float>(), weight_.stride(1), cols_,
+                                p_.rows.size(2), hidden_.const_data_ptr<float>(), rows,
+                                how_.columns, product, how_.columns);
+    if (!how_.folds_columns)
+      row_kernels().transpose(product, how_.columns, out, cols_, cols_, rows);
   }
 
   // The hidden rows are A, read in place; the tile was packed by load_tile.
@@ -842,9 +863,13 @@ void evolve(const RowKernels& kernels, float* x_k, const int64_t* tokens, const 
 }  // namespace
 
 std::string cpu_kernels(at::ScalarType dtype) {
-  const char* projection = "widened to float32, sgemm";
+  const std::string level = row_kernels().level;
+  const std::string float_products =
+      row_kernels().float_product ? level + " FMAs as the weight streams, sgemm for many rows"
+                                  : "sgemm";
+  std::string projection = "widened to float32, " + float_products;
   if (dtype == at::kFloat)
-    projection = "sgemm";
+    projection = float_products;
   else if (dtype == at::kBFloat16 && dots_bf16())
     projection = "AVX512-BF16 dot products as the weight streams, brgemm for many rows";
   else if (brgemm_multiplies(dtype))
@@ -853,7 +878,7 @@ std::string cpu_kernels(at::ScalarType dtype) {
     projection = "split into bfloat16 hi + lo: AMX as the weight streams, brgemm for many rows";
   else if (dtype == at::kHalf && splits_halves())
     projection = "brgemm, split into bfloat16 hi + lo";
-  return std::string(row_kernels().level) + "; " + projection;
+  return level + "; " + projection;
 }
 
 Partials partials_cpu(const Problem& p, int64_t vocab_offset, bool keep_final) {
