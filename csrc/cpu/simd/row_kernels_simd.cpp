@@ -168,7 +168,6 @@ void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
 // peak (SmolLM2-like N = 1, 31 rows: 141 GFLOP/s of 313; Sapphire Rapids, 2 threads).
 // Accumulators per block of tokens: 3/4 of the vector registers, the others hold hidden vectors.
 constexpr int kFloatAccumulators = kWidth == 16 ? 24 : 12;
-constexpr int kMaxFloatVecs = kMaxFloatProductRows / kWidth;
 
 // Tokens weight rows (row stride ld_w) times Vecs vectors of hidden rows (step k at h[k * ld_h])
 // into out [Tokens, Vecs * kWidth]. Meanwhile the Tokens rows after the block are fetched, a line
@@ -201,35 +200,46 @@ void float_block(const float* w, int64_t ld_w, int64_t H, const float* h, int64_
     for (int v = 0; v < Vecs; ++v) acc[t][v].store(out + t * ld_out + v * kWidth);
 }
 
-// The product for Vecs vectors of hidden rows: blocks of as many tokens as there are
-// accumulators for, the last block a remainder.
+using FloatBlock = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+
 template <int Vecs, size_t... Tokens>
-void float_blocks(const float* w, int64_t ld_w, int64_t rows, int64_t H, const float* h,
-                  int64_t ld_h, float* out, int64_t ld_out, std::index_sequence<Tokens...>) {
-  static constexpr std::array kBlocks{&float_block<Vecs, Tokens + 1>...};
-  constexpr int64_t kTokens = kBlocks.size();
-  for (int64_t t0 = 0; t0 < rows; t0 += kTokens)
-    kBlocks[std::min(kTokens, rows - t0) - 1](w + t0 * ld_w, ld_w, H, h, ld_h, out + t0 * ld_out,
-                                              ld_out);
+constexpr std::array<FloatBlock, sizeof...(Tokens)> float_block_table(
+    std::index_sequence<Tokens...>) {
+  return {&float_block<Vecs, Tokens + 1>...};
 }
 
+// Vectors of hidden rows per pass over a block of tokens: with more, too few tokens share each
+// hidden vector loaded (AVX2, 33 rows in 5 vectors of 8: blocks of 2 tokens made Llama-3-8B-like
+// N = 1 1.2x slower than sgemm). More vectors are taken in passes over the same tokens.
+constexpr int64_t kMaxPassVecs = 3;
 template <int Vecs>
-void float_product_of(const float* w, int64_t ld_w, int64_t rows, int64_t H, const float* h,
-                      int64_t ld_h, float* out, int64_t ld_out) {
-  float_blocks<Vecs>(w, ld_w, rows, H, h, ld_h, out, ld_out,
-                     std::make_index_sequence<kFloatAccumulators / Vecs>());
-}
+constexpr auto kFloatBlocks =
+    float_block_table<Vecs>(std::make_index_sequence<kFloatAccumulators / Vecs>());
 
-template <size_t... Vecs>
-constexpr auto float_products(std::index_sequence<Vecs...>) {
-  return std::array{&float_product_of<Vecs + 1>...};
+FloatBlock float_block_of(int64_t vecs, int64_t tokens) {
+  static_assert(kMaxPassVecs == 3, "one table per vector count");
+  switch (vecs) {
+    case 1:
+      return kFloatBlocks<1>[tokens - 1];
+    case 2:
+      return kFloatBlocks<2>[tokens - 1];
+    default:
+      return kFloatBlocks<3>[tokens - 1];
+  }
 }
 
 void float_product(const float* w, int64_t ld_w, int64_t rows, int64_t H, const float* h,
                    int64_t M, int64_t ld_h, float* out, int64_t ld_out) {
-  static constexpr auto kProducts = float_products(std::make_index_sequence<kMaxFloatVecs>());
-  const int64_t vecs = std::clamp<int64_t>((M + kWidth - 1) / kWidth, 1, kMaxFloatVecs);
-  kProducts[vecs - 1](w, ld_w, rows, H, h, ld_h, out, ld_out);
+  const int64_t vecs = std::clamp<int64_t>((M + kWidth - 1) / kWidth, 1,
+                                           kMaxFloatProductRows / kWidth);
+  const int64_t passes = (vecs + kMaxPassVecs - 1) / kMaxPassVecs;
+  const int64_t per_pass = (vecs + passes - 1) / passes, tokens = kFloatAccumulators / per_pass;
+  for (int64_t t0 = 0; t0 < rows; t0 += tokens) {
+    const int64_t block = std::min(tokens, rows - t0);
+    for (int64_t v0 = 0; v0 < vecs; v0 += per_pass)
+      float_block_of(std::min(per_pass, vecs - v0), block)(
+          w + t0 * ld_w, ld_w, H, h + v0 * kWidth, ld_h, out + t0 * ld_out + v0 * kWidth, ld_out);
+  }
 }
 #endif
 
