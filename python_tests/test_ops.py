@@ -519,12 +519,12 @@ def test_many_packed_rows_over_a_large_vocab(device):
                                    (24, 2, 31)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_few_float_rows_go_through_float_product(device, R, N, H, dtype):
-    """At most 48 float32 rows (float16 too where there is no brgemm for it): on AVX-512 CPUs
-    float_product multiplies them, 1-3 vectors of hidden rows against blocks of 24 / 12 / 8 tokens
-    and the blocks' remainders; its [tile, columns] product is folded a lane per row where the
-    rows fill 3/4 of the lanes (12, 16, 24, 31, 36, 48 rows), else turned back (2, 5, 17, 23, 33,
-    34); 49 rows (7 x 7) go to sgemm. Bias and soft-capping on, a vocab that ends mid-tile and
-    mid-vector."""
+    """At most 48 float32 rows (float16 too where there is no brgemm for it) go through
+    float_product: at AVX512 1-3 vectors of hidden rows against blocks of 24 / 12 / 8 tokens and
+    the blocks' remainders, at AVX2 (make test-levels) up to 6 vectors of 8 in passes of at most
+    3. Its [tile, columns] product is folded a lane per row where the rows fill 3/4 of the AVX-512
+    lanes (12, 16, 24, 31, 36, 48 rows), else turned back (2, 5, 17, 23, 33, 34); 49 rows (7 x 7)
+    go to sgemm. Bias and soft-capping on, a vocab that ends mid-tile and mid-vector."""
     hidden, weight, bias = make_inputs(R, N, H, 5003, dtype, True, device)
     kwargs = dict(evolution_scale=20, iterations=3, softcap=30.0)
     out = sled_ext.evolve(hidden, weight, bias, evolution_lower_bound=LB, **kwargs)
