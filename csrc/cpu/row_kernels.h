@@ -13,6 +13,13 @@
 
 namespace sled {
 
+// The size of the fewest equal parts of at most `most` that `count` splits into (the last part
+// may be less): 17 in parts of at most 24 is one of 17, 33 is 17 + 16; 0 for nothing to split.
+constexpr int64_t equal_part(int64_t count, int64_t most) {
+  const int64_t parts = (count + most - 1) / most;
+  return parts > 0 ? (count + parts - 1) / parts : 0;
+}
+
 // bf16 elements of split_product's scratch: two chunks of 16 rows x 128 depth, both parts.
 constexpr int64_t kSplitProductScratch = 2 * 2 * 16 * 128;
 // bf16 elements of bf16_dot_product's scratch for depth H: 16 tokens' pairs of depth, the pairs

@@ -324,8 +324,7 @@ int64_t packed_columns(int64_t rows) {
 int64_t group_positions(int64_t R, int64_t N, int64_t min_columns) {
   const int64_t most =
       std::clamp<int64_t>(kLogitsBudget / (R * min_columns), 1, std::max<int64_t>(N, 1));
-  const int64_t groups = (N + most - 1) / most;
-  return std::max<int64_t>((N + groups - 1) / std::max<int64_t>(groups, 1), 1);
+  return std::max<int64_t>(equal_part(N, most), 1);
 }
 
 // Columns per tile for `rows` rows per product and a weight panel of `column_bytes` per column.

@@ -232,8 +232,7 @@ void float_product(const float* w, int64_t ld_w, int64_t rows, int64_t H, const 
                    int64_t M, int64_t ld_h, float* out, int64_t ld_out) {
   const int64_t vecs = std::clamp<int64_t>((M + kWidth - 1) / kWidth, 1,
                                            kMaxFloatProductRows / kWidth);
-  const int64_t passes = (vecs + kMaxPassVecs - 1) / kMaxPassVecs;
-  const int64_t per_pass = (vecs + passes - 1) / passes, tokens = kFloatAccumulators / per_pass;
+  const int64_t per_pass = equal_part(vecs, kMaxPassVecs), tokens = kFloatAccumulators / per_pass;
   for (int64_t t0 = 0; t0 < rows; t0 += tokens) {
     const int64_t block = std::min(tokens, rows - t0);
     for (int64_t v0 = 0; v0 < vecs; v0 += per_pass)
@@ -489,8 +488,7 @@ void bf16_dot_product(const c10::BFloat16* w, int64_t ld_w, int64_t rows, int64_
   const auto* words = reinterpret_cast<const float*>(w);  // pairs of depth as 32-bit words
   auto* turned = reinterpret_cast<float*>(scratch);       // [pairs, 16 tokens]
   const auto* h_words = reinterpret_cast<const uint32_t*>(h);
-  // passes of equal size: 17 rows as one, 33 as 17 + 16
-  const int64_t passes = (M + kDotRows - 1) / kDotRows, per_pass = (M + passes - 1) / passes;
+  const int64_t per_pass = equal_part(M, kDotRows);  // 17 rows as one pass, 33 as 17 + 16
   for (int64_t t0 = 0; t0 < rows; t0 += kDotTokens) {
     const int tokens = static_cast<int>(std::min(kDotTokens, rows - t0));
     for (int64_t p0 = 0; p0 < pairs; p0 += 16)
