@@ -18,6 +18,9 @@ import sled_ext
 LEVELS = ["DEFAULT", "AVX2", "AVX512"]
 BEST = torch.backends.cpu.get_cpu_capability()
 RUNNABLE = LEVELS[:LEVELS.index(BEST) + 1] if BEST in LEVELS else ["DEFAULT"]
+# The CPU's feature flags as torch reads them ({} where this torch does not say).
+FLAGS = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
+    else {}
 HERE = Path(__file__).resolve().parent
 
 
@@ -150,12 +153,10 @@ def test_bf16_takes_brgemm_where_the_cpu_multiplies_it(onednn_isa):
     """Where the CPU has AMX or AVX512-BF16, bf16 must not silently fall back to widening: AMX
     through brgemm; bf16 dot products without AMX through the library's kernel for few hidden
     rows (one that failed its one-time check would fall back to brgemm, and show here)."""
-    flags = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
-        else {}
-    if BEST != "AVX512" or not (flags.get("amx_bf16") or flags.get("avx512_bf16")):
+    if BEST != "AVX512" or not (FLAGS.get("amx_bf16") or FLAGS.get("avx512_bf16")):
         pytest.skip("needs AVX-512 with AMX or AVX512-BF16")
     env = {"ONEDNN_MAX_CPU_ISA": onednn_isa} if onednn_isa else {}
-    amx = flags.get("amx_bf16") and not onednn_isa
+    amx = FLAGS.get("amx_bf16") and not onednn_isa
     assert kernels_under(**env)["bfloat16"] == ("brgemm" if amx else BF16_DOTS)
 
 
@@ -164,11 +165,9 @@ def test_fp16_takes_amx_where_the_cpu_multiplies_bf16_there():
     rather than widened to fp32, as the weight streams where the hidden rows are packed (a kernel
     that failed its one-time check would fall back to splitting for brgemm, and show here); with
     AMX-FP16 it goes to brgemm as it is."""
-    flags = torch._C._cpu._get_cpu_capability() if hasattr(torch._C._cpu, "_get_cpu_capability") \
-        else {}
-    if BEST != "AVX512" or not flags.get("amx_bf16"):
+    if BEST != "AVX512" or not FLAGS.get("amx_bf16"):
         pytest.skip("needs AVX-512 with AMX-BF16")
-    expected = "brgemm" if flags.get("amx_fp16") else \
+    expected = "brgemm" if FLAGS.get("amx_fp16") else \
         "split into bfloat16 hi + lo: AMX as the weight streams, brgemm for many rows"
     assert sled_ext.cpu_kernels()["float16"] == expected
 
